@@ -1,0 +1,35 @@
+// Argument checks shared by the CPU and CUDA bindings. Every message names the
+// argument and states what was expected, so a user can fix the call site.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#define HX_CHECK_DIM(t, n)                                                      \
+  TORCH_CHECK((t).dim() == (n), #t " must be a " #n "-D tensor, got ",          \
+              (t).dim(), "-D with shape ", (t).sizes())
+
+#define HX_CHECK_DTYPE(t, dt)                                                   \
+  TORCH_CHECK((t).scalar_type() == (dt), #t " must have dtype ", (dt),          \
+              ", got ", (t).scalar_type())
+
+#define HX_CHECK_SIZE(t, d, n)                                                  \
+  TORCH_CHECK((t).size(d) == (n), #t ".size(" #d ") must be ", (n), ", got ",   \
+              (t).size(d), " (shape ", (t).sizes(), ")")
+
+#define HX_CHECK_SAME_DEVICE(a, b)                                              \
+  TORCH_CHECK((a).device() == (b).device(), #a " and " #b                       \
+              " must be on the same device, got ", (a).device(), " and ",       \
+              (b).device())
+
+#define HX_CHECK_LOGIT_DTYPE(t)                                                 \
+  TORCH_CHECK((t).scalar_type() == at::kFloat ||                                \
+                  (t).scalar_type() == at::kHalf ||                             \
+                  (t).scalar_type() == at::kBFloat16,                           \
+              #t " must be float32, float16 or bfloat16, got ",                 \
+              (t).scalar_type())
+
+// Raised by a kernel's CPU path when a data-dependent check fails
+// (NaN logits, malformed tree). CUDA paths never sync to raise; they write
+// the documented sentinel values instead.
+#define HX_CHECK_VALUE(cond, ...) TORCH_CHECK_VALUE(cond, __VA_ARGS__)

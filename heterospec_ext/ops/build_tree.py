@@ -1,0 +1,92 @@
+"""build_tree: top-N subtree of an EAGLE-2 candidate pool plus masks, positions and paths."""
+from typing import NamedTuple
+
+import torch
+
+_OP = torch.ops.heterospec.build_tree.default
+_OP_OUT = torch.ops.heterospec.build_tree_out.default
+
+
+class Tree(NamedTuple):
+    selected: torch.Tensor  # [B, n_max] int64 pool index, -1 padded
+    tokens: torch.Tensor  # [B, n_max] int64, -1 padded
+    parents: torch.Tensor  # [B, n_max] int64 index in the selection, -1 root/padding
+    depth: torch.Tensor  # [B, n_max] int64, root 0 (position offset)
+    mask: torch.Tensor  # [B, n_max, n_max] bool ancestor-or-self mask
+    packed_mask: torch.Tensor  # [B, n_max, ceil(n_max/32)] int32, little-endian bits
+    first_child: torch.Tensor  # [B, n_max] int64, -1 none
+    next_sibling: torch.Tensor  # [B, n_max] int64, -1 none
+    retrieve: torch.Tensor  # [B, n_max, n_max] int64 root-to-leaf paths, -1 padded
+    num_nodes: torch.Tensor  # [B] int64
+
+
+def build_tree(
+    pool_parents: torch.Tensor,
+    pool_scores: torch.Tensor,
+    pool_tokens: torch.Tensor,
+    top_n: torch.Tensor,
+    n_max: int,
+) -> Tree:
+    """Select the root plus the best ``top_n[b] - 1`` pool nodes as a subtree and describe it.
+
+    Args:
+        pool_parents: ``[B, M]`` int64, the tree convention of :func:`stratify`: pool node 0 is the
+            root (``-1``); for ``i > 0`` the parent is in ``[0, i)`` or ``-1`` for a padding slot.
+        pool_scores: ``[B, M]`` float32 cumulative draft log-probs (root's ignored; NaN = ``-inf``).
+        pool_tokens: ``[B, M]`` int64 token ids (root: the last committed token).
+        top_n: ``[B]`` int64 nodes to keep including the root, clamped to
+            ``[1, min(n_max, valid pool nodes)]``.
+        n_max: output node capacity, ``>= 1``.
+
+    Selection is best-first: starting from the root, repeatedly take the highest-scoring pool node
+    whose parent is already taken (ties to the lower pool index). With scores that never rise
+    from parent to child this is exactly the global top-(top_n-1) by (score desc, index asc), and
+    a node is never taken without its parent even if scores are not monotone. Selected nodes are
+    emitted in ascending pool index, so parents precede children and node 0 is the root.
+
+    Returns (:class:`Tree`): see the field comments. ``mask[b, i, j]`` is True iff j is i or an
+    ancestor of i; padding rows attend to themselves only (``mask[b, i, i]``), so attention over
+    them stays finite. ``packed_mask`` holds bit ``j % 32`` of word ``j // 32`` = ``mask[b, i, j]``
+    (FlashInfer's little-endian order). Children are listed in increasing node index.
+    ``retrieve`` row r is the r-th leaf (increasing node index) as root-to-leaf node indices;
+    its last dimension is ``n_max``, the deepest a tree of ``n_max`` nodes can be.
+
+    Malformed pools (bad parent index, padding parent): on CPU a ``ValueError`` names
+    ``pool_parents`` and the request; on CUDA that request is emitted empty (``num_nodes = 0``,
+    everything padding).
+    """
+    return Tree(*_OP(pool_parents, pool_scores, pool_tokens, top_n, n_max))
+
+
+def build_tree_out(pool_parents, pool_scores, pool_tokens, top_n, selected, tokens, parents,
+                   depth, mask, packed_mask, first_child, next_sibling, retrieve, num_nodes) -> None:
+    """:func:`build_tree` writing into preallocated buffers; ``n_max = selected.size(1)``."""
+    _OP_OUT(pool_parents, pool_scores, pool_tokens, top_n, selected, tokens, parents, depth,
+            mask, packed_mask, first_child, next_sibling, retrieve, num_nodes)
+
+
+@torch.library.register_fake("heterospec::build_tree")
+def _fake(pool_parents, pool_scores, pool_tokens, top_n, n_max):
+    torch._check(pool_parents.dim() == 2, lambda: "pool_parents must be 2-D [B, M]")
+    torch._check(n_max >= 1, lambda: f"n_max must be >= 1, got {n_max}")
+    b = pool_parents.shape[0]
+    i64 = dict(dtype=torch.int64)
+    words = (n_max + 31) // 32
+    return (
+        pool_parents.new_empty((b, n_max), **i64),
+        pool_parents.new_empty((b, n_max), **i64),
+        pool_parents.new_empty((b, n_max), **i64),
+        pool_parents.new_empty((b, n_max), **i64),
+        pool_parents.new_empty((b, n_max, n_max), dtype=torch.bool),
+        pool_parents.new_empty((b, n_max, words), dtype=torch.int32),
+        pool_parents.new_empty((b, n_max), **i64),
+        pool_parents.new_empty((b, n_max), **i64),
+        pool_parents.new_empty((b, n_max, n_max), **i64),
+        pool_parents.new_empty((b,), **i64),
+    )
+
+
+@torch.library.register_fake("heterospec::build_tree_out")
+def _fake_out(pool_parents, pool_scores, pool_tokens, top_n, selected, tokens, parents, depth,
+              mask, packed_mask, first_child, next_sibling, retrieve, num_nodes):
+    return None

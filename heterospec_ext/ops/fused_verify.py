@@ -1,0 +1,124 @@
+"""fused_verify: tree acceptance fused with temperature, top-k, top-p and the target softmax."""
+from typing import NamedTuple, Optional, Union
+
+import torch
+
+_OP = torch.ops.heterospec.fused_verify.default
+_OP_OUT = torch.ops.heterospec.fused_verify_out.default
+
+Scalar = Union[float, int, torch.Tensor]
+
+
+class VerifyResult(NamedTuple):
+    out_tokens: torch.Tensor  # [B, N] int64: accepted draft tokens, then the bonus; -1 padded
+    accepted_nodes: torch.Tensor  # [B, N] int64: root, then accepted nodes; -1 padded
+    num_accepted: torch.Tensor  # [B] int64: accepted draft tokens (bonus excluded)
+
+
+def _per_request(value: Scalar, batch: int, dtype: torch.dtype, device, name: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0:
+            return value.to(device=device, dtype=dtype).expand(batch).contiguous()
+        return value
+    return torch.full((batch,), value, dtype=dtype, device=device)
+
+
+def sampling_params(target_logits, temperature: Scalar = 0.0, top_k: Scalar = 0,
+                    top_p: Scalar = 1.0):
+    """``temperature``, ``top_k`` and ``top_p`` as the ``[B]`` tensors the op takes."""
+    b, dev = target_logits.shape[0], target_logits.device
+    return (
+        _per_request(temperature, b, torch.float32, dev, "temperature"),
+        _per_request(top_k, b, torch.int64, dev, "top_k"),
+        _per_request(top_p, b, torch.float32, dev, "top_p"),
+    )
+
+
+def fused_verify(
+    target_logits: torch.Tensor,
+    candidates: torch.Tensor,
+    parents: torch.Tensor,
+    *,
+    temperature: Scalar = 0.0,
+    top_k: Scalar = 0,
+    top_p: Scalar = 1.0,
+    uniforms: Optional[torch.Tensor] = None,
+    draft_probs: Optional[torch.Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> VerifyResult:
+    """Accept the longest valid path of each request's draft tree, exactly as the target samples.
+
+    Args:
+        target_logits: ``[B, N, V]`` float32 / float16 / bfloat16; row i is the target's logits
+            after node i (the distribution of node i's children and of the bonus token). Read in
+            its own dtype; no probability tensor is materialised.
+        candidates: ``[B, N]`` int64 token of each node (the root's is ignored; padding may be -1).
+            A real non-root node's token must lie in ``[0, V)``.
+        parents: ``[B, N]`` int64, the tree convention of :func:`stratify`.
+        temperature: float or ``[B]`` float32, ``>= 0``; 0 means greedy for that request.
+        top_k: int or ``[B]`` int64; ``<= 0`` or ``>= V`` disables it.
+        top_p: float or ``[B]`` float32 in ``(0, 1]``; 1 disables it.
+        uniforms: ``[B, N]`` float32 in ``[0, 1)``: column i (i >= 1) is node i's acceptance test,
+            column 0 the final draw. ``None`` draws them with ``torch.rand`` (``generator``).
+        draft_probs: optional ``[B, N, V]`` float32; row i is the distribution q that node i's
+            children were drawn from, i.i.d. (after the draft's own processing).
+
+    Target processing, identical for acceptance, residual and bonus: ``z = logits / T``;
+    top-k keeps tokens with ``z >=`` the k-th largest ``z`` (boundary ties all kept); softmax;
+    top-p keeps tokens with ``p >=`` the probability at which the descending cumulative mass first
+    reaches ``top_p`` (boundary ties kept); renormalise.
+
+    Modes, walking from the root and trying children in increasing node index:
+        greedy (T = 0): accept the first child whose token is ``argmax z`` (lowest id on ties);
+            the bonus is the argmax at the last accepted node. Only visited rows are read.
+        sampling, no ``draft_probs``: with residual r (initially p), accept child x iff
+            ``u < r(x)``; on rejection set ``r(x) = 0`` and renormalise. Duplicate sibling
+            tokens are skipped. If no child is accepted, draw the emitted token from r.
+        sampling with ``draft_probs``: accept x iff ``u < p'(x) / q(x)`` (always if ``q(x) = 0 <
+            p'(x)``); on rejection ``p' = norm(max(p' - q, 0))`` (kept if that is all zero).
+            Duplicates are tested, as i.i.d. drafting requires. A chain reduces to standard
+            speculative sampling.
+        The final draw is the inverse CDF over token ids: the smallest id whose cumulative mass
+        exceeds ``u0 * total``; rounding past the end falls back to the last id with mass > 0.
+
+    Returns (:class:`VerifyResult`): ``out_tokens[b, :A]`` the accepted draft tokens and
+    ``out_tokens[b, A]`` the bonus/corrected token; ``accepted_nodes[b, :A+1]`` the root and the
+    accepted nodes; ``num_accepted[b] = A``. Everything else is -1.
+
+    Invalid data (NaN logits, a malformed tree, an out-of-range candidate, uniforms outside
+    [0, 1), bad sampling parameters): on CPU a ``ValueError`` naming the argument; on CUDA the
+    request emits nothing (``num_accepted = 0``, all -1) rather than syncing to raise.
+    """
+    temperature, top_k, top_p = sampling_params(target_logits, temperature, top_k, top_p)
+    if uniforms is None:
+        b, n = candidates.shape[0], candidates.shape[1]
+        uniforms = torch.rand((b, n), dtype=torch.float32, device=target_logits.device,
+                              generator=generator)
+    return VerifyResult(*_OP(target_logits, candidates, parents, temperature, top_k, top_p,
+                             uniforms, draft_probs))
+
+
+def fused_verify_out(target_logits, candidates, parents, temperature, top_k, top_p, uniforms,
+                     draft_probs, out_tokens, accepted_nodes, num_accepted) -> None:
+    """:func:`fused_verify` writing into preallocated buffers; every argument is a tensor (or
+    ``draft_probs=None``), as captured CUDA graphs need."""
+    _OP_OUT(target_logits, candidates, parents, temperature, top_k, top_p, uniforms, draft_probs,
+            out_tokens, accepted_nodes, num_accepted)
+
+
+@torch.library.register_fake("heterospec::fused_verify")
+def _fake(target_logits, candidates, parents, temperature, top_k, top_p, uniforms,
+          draft_probs=None):
+    torch._check(target_logits.dim() == 3, lambda: "target_logits must be 3-D [B, N, V]")
+    b, n = target_logits.shape[0], target_logits.shape[1]
+    return (
+        target_logits.new_empty((b, n), dtype=torch.int64),
+        target_logits.new_empty((b, n), dtype=torch.int64),
+        target_logits.new_empty((b,), dtype=torch.int64),
+    )
+
+
+@torch.library.register_fake("heterospec::fused_verify_out")
+def _fake_out(target_logits, candidates, parents, temperature, top_k, top_p, uniforms,
+              draft_probs, out_tokens, accepted_nodes, num_accepted):
+    return None

@@ -1,0 +1,57 @@
+"""Shared fixtures: every test runs on CPU, and on CUDA too when a GPU is present."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+def run_error_cases(cases, device="cpu", timeout=300):
+    """Run each ``(name, code)`` snippet in one fresh Python process and report what it raised.
+
+    Each snippet runs with ``torch``, ``heterospec_ext as hx`` and ``device`` defined. Returns
+    ``{name: (exception_type_name or None, message)}``. A crash (segfault, abort) of the child
+    process fails the calling test, which is the point of running these out of process.
+    """
+    runner = textwrap.dedent(
+        """
+        import json, sys, traceback
+        import torch
+        import heterospec_ext as hx
+        device = torch.device(sys.argv[1])
+        cases = json.loads(sys.stdin.read())
+        out = {}
+        for name, code in cases:
+            try:
+                exec(code, {"torch": torch, "hx": hx, "device": device})
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                out[name] = [None, ""]
+            except Exception as exc:  # noqa: BLE001
+                out[name] = [type(exc).__name__, str(exc)]
+        print("@@RESULT@@" + json.dumps(out))
+        """
+    )
+    env = dict(os.environ)
+    proc = subprocess.run(
+        [sys.executable, "-c", runner, str(device)],
+        input=json.dumps([[n, textwrap.dedent(c)] for n, c in cases]),
+        capture_output=True, text=True, timeout=timeout, env=env,
+    )
+    assert proc.returncode == 0, (
+        f"error-case subprocess died with code {proc.returncode}\n{proc.stderr[-4000:]}"
+    )
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("@@RESULT@@")]
+    assert line, f"no result from subprocess\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return {k: tuple(v) for k, v in json.loads(line[-1][len("@@RESULT@@"):]).items()}
