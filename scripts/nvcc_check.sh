@@ -9,12 +9,14 @@ files=(csrc/cuda/*.cu)
 if [ ${#files[@]} -eq 0 ]; then echo "no .cu files"; exit 0; fi
 if [ ! -x "$NVCC" ]; then echo "nvcc not found at $NVCC"; exit 1; fi
 status=0
+obj=$(mktemp --suffix=.o)
+trap 'rm -f "$obj"' EXIT
 for f in "${files[@]}"; do
   start=$(date +%s%N)
   if "$NVCC" -std=c++20 -O3 -Icsrc --expt-relaxed-constexpr -Xcompiler -Wall,-Wextra \
       -Werror all-warnings \
       -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90 \
-      -c "$f" -o /tmp/hx_nvcc_check.o; then
+      -c "$f" -o "$obj"; then
     printf 'nvcc ok   %-48s %d ms\n' "$f" $(( ($(date +%s%N) - start) / 1000000 ))
   else
     echo "nvcc FAIL $f"; status=1
