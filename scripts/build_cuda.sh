@@ -24,4 +24,6 @@ ops = [n for n in torch._C._dispatch_get_all_op_names() if n.startswith("heteros
 cuda = [n for n in ops if torch._C._dispatch_has_kernel_for_dispatch_key(n, "CUDA")]
 print("ops with a CUDA kernel:", sorted(cuda))
 assert mod.with_cuda
+missing = sorted(set(ops) - set(cuda))
+assert not missing, f"ops without a CUDA kernel: {missing}"
 PY

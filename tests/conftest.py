@@ -8,6 +8,9 @@ import textwrap
 import pytest
 import torch
 
+# Test helpers (pipeline.py) live next to the tests; importlib mode does not add this folder.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

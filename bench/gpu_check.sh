@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The one prepared GPU check (run through the device tool on an H100/H200):
+#   1. builds the CUDA extension in place (sm_90 only, to keep it short),
+#   2. runs the test suite (every test on cpu and cuda) and the CUDA-graph test,
+#   3. runs compute-sanitizer memcheck over a short script calling every op on CUDA,
+#   4. measures the copy bandwidth and benchmarks every op against its composition.
+# Prints the benchmark table last and writes everything under $OUT (or ./out).
+# Usage: bash bench/gpu_check.sh [--quick]   (--quick: skip the slow-marked tests)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
+LOG="$OUT/gpu_check.log"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-16}
+step() { echo; echo "=== $1 ($(date +%T)) ===" | tee -a "$LOG"; }
+status=0
+
+step "device"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$LOG"
+$PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" 2>&1 | tee -a "$LOG"
+
+step "build (HX_BUILD=cuda, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
+start=$(date +%s)
+if ! HX_BUILD=cuda timeout 240 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"; echo "BUILD FAILED" | tee -a "$LOG"; exit 1
+fi
+echo "built in $(( $(date +%s) - start )) s" | tee -a "$LOG"
+grep -E "registers|smem" "$OUT/build.log" | head -40 >> "$LOG" || true
+$PY -c "import heterospec_ext as hx; print(hx.build_info())" 2>&1 | tee -a "$LOG"
+
+step "pytest (cpu + cuda)"
+MARK=()
+[ "${1:-}" = "--quick" ] && MARK=(-m "not slow")
+timeout 200 $PY -m pytest -q -p no:cacheprovider -n 8 tests "${MARK[@]}" \
+  --junitxml="$OUT/pytest.xml" > "$OUT/pytest.log" 2>&1
+rc=$?
+tail -25 "$OUT/pytest.log" | tee -a "$LOG"
+[ $rc -ne 0 ] && { echo "PYTEST rc=$rc" | tee -a "$LOG"; status=1; }
+
+step "compute-sanitizer memcheck"
+if command -v compute-sanitizer >/dev/null; then
+  timeout 150 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
+    $PY bench/sanitizer_smoke.py > "$OUT/sanitizer.log" 2>&1
+  rc=$?
+  tail -15 "$OUT/sanitizer.log" | tee -a "$LOG"
+  if [ $rc -eq 9 ]; then echo "SANITIZER found errors" | tee -a "$LOG"; status=1;
+  elif [ $rc -ne 0 ]; then echo "sanitizer did not run cleanly (rc=$rc): see sanitizer.log" | tee -a "$LOG"; fi
+else
+  echo "compute-sanitizer not found" | tee -a "$LOG"
+fi
+
+step "benchmarks"
+timeout 200 $PY bench/gpu_bench.py --out "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.log" | grep -v '^{' || status=1
+echo "gpu_check status=$status" | tee -a "$LOG"
+exit $status
