@@ -108,6 +108,8 @@ setup(
     package_dir={"heterospec": "python/heterospec"} if os.path.isdir("python/heterospec") else {},
     ext_modules=[_extension()],
     cmdclass={"build_ext": _BuildExtension},
+    entry_points={"console_scripts": ["heterospec=heterospec.cli:main"]}
+    if os.path.isdir("python/heterospec") else {},
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy"],
     zip_safe=False,
