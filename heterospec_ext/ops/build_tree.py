@@ -51,16 +51,25 @@ def build_tree(
     ``retrieve`` row r is the r-th leaf (increasing node index) as root-to-leaf node indices;
     its last dimension is ``n_max``, the deepest a tree of ``n_max`` nodes can be.
 
+    Padding slots ``j >= num_nodes[b]``: ``selected``, ``tokens``, ``parents``, ``first_child``,
+    ``next_sibling`` are -1 and ``depth`` 0; ``retrieve`` rows past the number of leaves are all
+    -1. Score ties compare by value (``-0.0 == 0.0``; ``+inf`` and ``-inf`` are ordinary values).
+    ``M >= 1`` (the root) is required.
+
     Malformed pools (bad parent index, padding parent): on CPU a ``ValueError`` names
     ``pool_parents`` and the request; on CUDA that request is emitted empty (``num_nodes = 0``,
-    everything padding).
+    ``selected/tokens/parents/first_child/next_sibling/retrieve`` all -1, ``depth`` 0, ``mask``
+    self-only). CUDA keeps the pool's selection bitset and five ``[n_max]`` int32 arrays in
+    shared memory, ``4 * (ceil(M / 32) + 5 * n_max)`` bytes per request, which must fit the
+    device's per-block limit (about 227 KiB on H100/H200); larger shapes raise a RuntimeError.
     """
     return Tree(*_OP(pool_parents, pool_scores, pool_tokens, top_n, n_max))
 
 
 def build_tree_out(pool_parents, pool_scores, pool_tokens, top_n, selected, tokens, parents,
                    depth, mask, packed_mask, first_child, next_sibling, retrieve, num_nodes) -> None:
-    """:func:`build_tree` writing into preallocated buffers; ``n_max = selected.size(1)``."""
+    """:func:`build_tree` writing into preallocated contiguous buffers with the shapes and dtypes
+    of :class:`Tree`; ``n_max = selected.size(1)``."""
     _OP_OUT(pool_parents, pool_scores, pool_tokens, top_n, selected, tokens, parents, depth,
             mask, packed_mask, first_child, next_sibling, retrieve, num_nodes)
 

@@ -50,14 +50,17 @@ def stratify(
 
     Malformed trees: on CPU a ``ValueError`` names ``parents`` and the request; on CUDA that
     request gets ``stratum = pstar = -1``, ``path_entropy = NaN``, ``extra_depth = top_n = 0``.
-    Unsorted thresholds raise on CPU.
+    Unsorted (or NaN) thresholds raise a ``ValueError`` on CPU; CUDA does not check them and
+    still returns the count of thresholds ``<= H(P*)``. ``M >= 1`` (the root) is required;
+    ``-0.0`` and ``0.0`` confidences tie. CPU and CUDA results are bit-identical.
     """
     return Stratum(*_OP(step_entropy, confidence, parents, thresholds, policy))
 
 
 def stratify_out(step_entropy, confidence, parents, thresholds, policy,
                  path_entropy, pstar, stratum, extra_depth, top_n) -> None:
-    """:func:`stratify` writing into preallocated ``[B]`` buffers (CUDA-graph capture)."""
+    """:func:`stratify` writing into preallocated contiguous ``[B]`` buffers (CUDA-graph
+    capture): ``path_entropy`` float32, the others int64, on the inputs' device."""
     _OP_OUT(step_entropy, confidence, parents, thresholds, policy,
             path_entropy, pstar, stratum, extra_depth, top_n)
 

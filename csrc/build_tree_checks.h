@@ -1,0 +1,79 @@
+// Argument checks of build_tree / build_tree_out, shared by the CPU and CUDA
+// bindings (shapes, dtypes, devices; data checks live in the kernels).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <cstdint>
+
+#include "check.h"
+#include "core/build_tree.h"
+
+namespace heterospec {
+
+inline void check_build_tree_args(const at::Tensor& pool_parents, const at::Tensor& pool_scores,
+                                  const at::Tensor& pool_tokens, const at::Tensor& top_n,
+                                  int64_t n_max) {
+  HX_CHECK_DIM(pool_parents, 2);
+  HX_CHECK_DTYPE(pool_parents, at::kLong);
+  TORCH_CHECK(pool_parents.size(1) >= 1,
+              "pool_parents must have at least one node per request (node 0 is the root), got "
+              "shape ", pool_parents.sizes());
+  TORCH_CHECK(pool_parents.size(1) < (int64_t{1} << 31),
+              "pool_parents.size(1) must be < 2^31, got ", pool_parents.size(1));
+  HX_CHECK_DIM(pool_scores, 2);
+  HX_CHECK_DTYPE(pool_scores, at::kFloat);
+  HX_CHECK_SIZE(pool_scores, 0, pool_parents.size(0));
+  HX_CHECK_SIZE(pool_scores, 1, pool_parents.size(1));
+  HX_CHECK_DIM(pool_tokens, 2);
+  HX_CHECK_DTYPE(pool_tokens, at::kLong);
+  HX_CHECK_SIZE(pool_tokens, 0, pool_parents.size(0));
+  HX_CHECK_SIZE(pool_tokens, 1, pool_parents.size(1));
+  HX_CHECK_DIM(top_n, 1);
+  HX_CHECK_DTYPE(top_n, at::kLong);
+  HX_CHECK_SIZE(top_n, 0, pool_parents.size(0));
+  TORCH_CHECK(n_max >= 1, "n_max must be >= 1, got ", n_max);
+  TORCH_CHECK(n_max < (int64_t{1} << 31), "n_max must be < 2^31, got ", n_max);
+  HX_CHECK_SAME_DEVICE(pool_scores, pool_parents);
+  HX_CHECK_SAME_DEVICE(pool_tokens, pool_parents);
+  HX_CHECK_SAME_DEVICE(top_n, pool_parents);
+}
+
+#define HX_CHECK_BUILD_TREE_OUT(t, dt, ...)                                     \
+  do {                                                                          \
+    TORCH_CHECK((t).scalar_type() == (dt), #t " must have dtype ", (dt),        \
+                ", got ", (t).scalar_type());                                   \
+    TORCH_CHECK((t).sizes() == at::IntArrayRef({__VA_ARGS__}), #t               \
+                " must have shape ", at::IntArrayRef({__VA_ARGS__}), ", got ",  \
+                (t).sizes());                                                   \
+    HX_CHECK_SAME_DEVICE(t, pool_parents);                                      \
+    TORCH_CHECK((t).is_contiguous(), #t " must be contiguous");                 \
+  } while (0)
+
+// n_max is taken from selected.size(1) by the _out op.
+inline void check_build_tree_outputs(const at::Tensor& pool_parents, const at::Tensor& selected,
+                                     const at::Tensor& tokens, const at::Tensor& parents,
+                                     const at::Tensor& depth, const at::Tensor& mask,
+                                     const at::Tensor& packed_mask,
+                                     const at::Tensor& first_child,
+                                     const at::Tensor& next_sibling, const at::Tensor& retrieve,
+                                     const at::Tensor& num_nodes) {
+  HX_CHECK_DIM(selected, 2);
+  const int64_t batch = pool_parents.size(0);
+  const int64_t n_max = selected.size(1);
+  const int64_t words = core::packed_mask_words(n_max);
+  HX_CHECK_BUILD_TREE_OUT(selected, at::kLong, batch, n_max);
+  HX_CHECK_BUILD_TREE_OUT(tokens, at::kLong, batch, n_max);
+  HX_CHECK_BUILD_TREE_OUT(parents, at::kLong, batch, n_max);
+  HX_CHECK_BUILD_TREE_OUT(depth, at::kLong, batch, n_max);
+  HX_CHECK_BUILD_TREE_OUT(mask, at::kBool, batch, n_max, n_max);
+  HX_CHECK_BUILD_TREE_OUT(packed_mask, at::kInt, batch, n_max, words);
+  HX_CHECK_BUILD_TREE_OUT(first_child, at::kLong, batch, n_max);
+  HX_CHECK_BUILD_TREE_OUT(next_sibling, at::kLong, batch, n_max);
+  HX_CHECK_BUILD_TREE_OUT(retrieve, at::kLong, batch, n_max, n_max);
+  HX_CHECK_BUILD_TREE_OUT(num_nodes, at::kLong, batch);
+}
+
+#undef HX_CHECK_BUILD_TREE_OUT
+
+}  // namespace heterospec

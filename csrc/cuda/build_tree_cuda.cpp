@@ -1,0 +1,102 @@
+// CUDA binding of build_tree / build_tree_out: the checks shared with the CPU
+// binding, then one launch on the current stream (no host sync).
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+#include "build_tree_checks.h"
+#include "core/build_tree.h"
+#include "cuda/build_tree.cuh"
+
+namespace heterospec {
+namespace {
+
+void build_tree_out_cuda(const at::Tensor& pool_parents_in, const at::Tensor& pool_scores_in,
+                         const at::Tensor& pool_tokens_in, const at::Tensor& top_n_in,
+                         at::Tensor& selected, at::Tensor& tokens, at::Tensor& parents,
+                         at::Tensor& depth, at::Tensor& mask, at::Tensor& packed_mask,
+                         at::Tensor& first_child, at::Tensor& next_sibling, at::Tensor& retrieve,
+                         at::Tensor& num_nodes) {
+  HX_CHECK_DIM(selected, 2);
+  const int64_t n_max = selected.size(1);
+  check_build_tree_args(pool_parents_in, pool_scores_in, pool_tokens_in, top_n_in, n_max);
+  check_build_tree_outputs(pool_parents_in, selected, tokens, parents, depth, mask, packed_mask,
+                           first_child, next_sibling, retrieve, num_nodes);
+  TORCH_CHECK(pool_parents_in.is_cuda(), "pool_parents must be a CUDA tensor");
+  const c10::cuda::OptionalCUDAGuard guard(pool_parents_in.device());
+  const at::Tensor pool_parents = pool_parents_in.contiguous();
+  const at::Tensor pool_scores = pool_scores_in.contiguous();
+  const at::Tensor pool_tokens = pool_tokens_in.contiguous();
+  const at::Tensor top_n = top_n_in.contiguous();
+  BuildTreeArgs args{};
+  args.pool_parents = pool_parents.data_ptr<int64_t>();
+  args.pool_scores = pool_scores.data_ptr<float>();
+  args.pool_tokens = pool_tokens.data_ptr<int64_t>();
+  args.top_n = top_n.data_ptr<int64_t>();
+  args.batch = pool_parents.size(0);
+  args.num_pool = pool_parents.size(1);
+  args.n_max = n_max;
+  args.selected = selected.data_ptr<int64_t>();
+  args.tokens = tokens.data_ptr<int64_t>();
+  args.parents = parents.data_ptr<int64_t>();
+  args.depth = depth.data_ptr<int64_t>();
+  args.mask = mask.data_ptr<bool>();
+  args.packed_mask = packed_mask.data_ptr<int32_t>();
+  args.first_child = first_child.data_ptr<int64_t>();
+  args.next_sibling = next_sibling.data_ptr<int64_t>();
+  args.retrieve = retrieve.data_ptr<int64_t>();
+  args.num_nodes = num_nodes.data_ptr<int64_t>();
+  const cudaError_t err = launch_build_tree(args, c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "build_tree: CUDA launch failed (pool_parents.size(1) = ",
+              args.num_pool, ", n_max = ", n_max, " need ",
+              build_tree_shared_bytes(args.num_pool, n_max),
+              " bytes of shared memory per block): ", cudaGetErrorString(err));
+}
+
+using TreeTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                             at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+TreeTuple build_tree_cuda(const at::Tensor& pool_parents, const at::Tensor& pool_scores,
+                          const at::Tensor& pool_tokens, const at::Tensor& top_n,
+                          int64_t n_max) {
+  check_build_tree_args(pool_parents, pool_scores, pool_tokens, top_n, n_max);
+  const int64_t batch = pool_parents.size(0);
+  const auto i64 = pool_parents.options().dtype(at::kLong);
+  at::Tensor selected = at::empty({batch, n_max}, i64);
+  at::Tensor tokens = at::empty({batch, n_max}, i64);
+  at::Tensor parents = at::empty({batch, n_max}, i64);
+  at::Tensor depth = at::empty({batch, n_max}, i64);
+  at::Tensor mask = at::empty({batch, n_max, n_max}, pool_parents.options().dtype(at::kBool));
+  at::Tensor packed_mask = at::empty({batch, n_max, core::packed_mask_words(n_max)},
+                                     pool_parents.options().dtype(at::kInt));
+  at::Tensor first_child = at::empty({batch, n_max}, i64);
+  at::Tensor next_sibling = at::empty({batch, n_max}, i64);
+  at::Tensor retrieve = at::empty({batch, n_max, n_max}, i64);
+  at::Tensor num_nodes = at::empty({batch}, i64);
+  build_tree_out_cuda(pool_parents, pool_scores, pool_tokens, top_n, selected, tokens, parents,
+                      depth, mask, packed_mask, first_child, next_sibling, retrieve, num_nodes);
+  return {selected, tokens, parents, depth, mask, packed_mask,
+          first_child, next_sibling, retrieve, num_nodes};
+}
+
+void build_tree_out_cuda_op(const at::Tensor& pool_parents, const at::Tensor& pool_scores,
+                            const at::Tensor& pool_tokens, const at::Tensor& top_n,
+                            at::Tensor selected, at::Tensor tokens, at::Tensor parents,
+                            at::Tensor depth, at::Tensor mask, at::Tensor packed_mask,
+                            at::Tensor first_child, at::Tensor next_sibling,
+                            at::Tensor retrieve, at::Tensor num_nodes) {
+  build_tree_out_cuda(pool_parents, pool_scores, pool_tokens, top_n, selected, tokens, parents,
+                      depth, mask, packed_mask, first_child, next_sibling, retrieve, num_nodes);
+}
+
+}  // namespace
+}  // namespace heterospec
+
+TORCH_LIBRARY_IMPL(heterospec, CUDA, m) {
+  m.impl("build_tree", &heterospec::build_tree_cuda);
+  m.impl("build_tree_out", &heterospec::build_tree_out_cuda_op);
+}

@@ -1,0 +1,359 @@
+"""stratify: H(P*) bit-exact against the float32 reference, P* tie rules, strata, policy, errors."""
+import math
+import os
+import sys
+import zlib
+
+import pytest
+import torch
+
+import heterospec_ext as hx
+from heterospec_ext import reference as ref
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_error_cases  # noqa: E402  (tests/ is not a package)
+
+OP = torch.ops.heterospec.stratify.default
+OP_OUT = torch.ops.heterospec.stratify_out.default
+FIELDS = ("path_entropy", "pstar", "stratum", "extra_depth", "top_n")
+
+
+# ----------------------------------------------------------------------------- input builders
+
+
+def random_parents(kind, batch, num_nodes, gen, padding=0.0):
+    """[B, M] int64 parent rows of a given shape; `padding` turns that fraction into padding slots
+    (a padded node takes its whole subtree with it, so the rows stay valid)."""
+    idx = torch.arange(num_nodes)
+    if kind == "chain":
+        parents = (idx - 1).expand(batch, num_nodes).clone()
+    elif kind == "star":
+        parents = torch.zeros(batch, num_nodes, dtype=torch.int64)
+    elif kind == "deep":  # parent among the 3 previous nodes: long paths
+        back = torch.randint(1, 4, (batch, num_nodes), generator=gen)
+        parents = (idx - back).clamp_min(0)
+    elif kind == "bushy":  # uniform random recursive tree: shallow, wide
+        parents = (torch.rand(batch, num_nodes, generator=gen) * idx).floor().to(torch.int64)
+    else:
+        raise ValueError(kind)
+    parents[:, 0] = -1
+    if padding > 0 and num_nodes > 1:
+        pad = torch.rand(batch, num_nodes, generator=gen) < padding
+        pad[:, 0] = False
+        for i in range(1, num_nodes):  # subtree of a padding slot is padding too
+            pad[:, i] |= pad.gather(1, parents[:, i:i + 1].clamp_min(0)).squeeze(1)
+        parents = torch.where(pad, torch.full_like(parents, -1), parents)
+    return parents
+
+
+def random_inputs(kind, batch, num_nodes, gen, num_thresholds=7, padding=0.1, ties=False,
+                  nans=False):
+    parents = random_parents(kind, batch, num_nodes, gen, padding)
+    step_entropy = torch.rand(batch, num_nodes, generator=gen) * 2.0
+    if ties:  # few distinct confidence values: ties must go to the lowest index
+        confidence = torch.randint(0, 3, (batch, num_nodes), generator=gen).float() / 2
+    else:
+        confidence = torch.rand(batch, num_nodes, generator=gen)
+    if nans:
+        u = torch.rand(batch, num_nodes, generator=gen)
+        confidence[u < 0.3] = float("nan")
+        confidence[(u >= 0.3) & (u < 0.45)] = float("-inf")  # ties with NaN
+        step_entropy[torch.rand(batch, num_nodes, generator=gen) < 0.02] = float("nan")
+    # Thresholds spread over the range of H so every stratum is hit.
+    thresholds = torch.sort(torch.rand(num_thresholds, generator=gen) * 6.0).values
+    policy = torch.randint(0, 100, (num_thresholds + 1, 2), generator=gen)
+    return step_entropy, confidence, parents, thresholds, policy
+
+
+def to(device, *tensors):
+    return [t.to(device) for t in tensors]
+
+
+def assert_matches_reference(args, out):
+    expected = ref.stratify(*[a.cpu() for a in args])
+    for name, got, want in zip(FIELDS, out, expected):
+        assert got.dtype == want.dtype, name
+        assert torch.equal(got.cpu(), want) or (
+            name == "path_entropy" and torch.allclose(got.cpu(), want, rtol=0, atol=0,
+                                                      equal_nan=True)
+        ), f"{name}: got {got.cpu()}, want {want}"
+
+
+# ----------------------------------------------------------------------------- reference checks
+
+
+@pytest.mark.parametrize("kind", ["chain", "star", "deep", "bushy"])
+@pytest.mark.parametrize("batch,num_nodes", [(1, 1), (7, 7), (83, 111), (7, 1013)])
+def test_matches_reference(device, kind, batch, num_nodes):
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{kind}-{batch}-{num_nodes}".encode()))
+    args = to(device, *random_inputs(kind, batch, num_nodes, gen))
+    out = hx.stratify(*args)
+    assert all(t.device.type == device.type for t in out)
+    assert_matches_reference(args, out)
+
+
+@pytest.mark.parametrize("ties,nans", [(True, False), (False, True), (True, True)])
+def test_ties_and_nans_match_reference(device, ties, nans):
+    gen = torch.Generator().manual_seed(11)
+    for kind in ("bushy", "deep"):
+        args = to(device, *random_inputs(kind, 83, 57, gen, ties=ties, nans=nans))
+        assert_matches_reference(args, hx.stratify(*args))
+
+
+def test_eagle_pool(device):
+    gen = torch.Generator().manual_seed(3)
+    k, depth, batch = 10, 7, 8
+    parents, scores = eagle_pool(batch, k, depth, gen)
+    step_entropy = torch.rand(parents.shape, generator=gen)
+    # P* over the deepest level only: the others are made ineligible with -inf.
+    confidence = torch.full(parents.shape, float("-inf"))
+    last = 1 + k + (depth - 1) * k * k
+    confidence[:, last:] = scores[:, last:].exp()
+    thresholds = torch.tensor([0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 5.0])
+    policy = hx.make_policy(depth, 59)
+    args = to(device, step_entropy, confidence, parents, thresholds, policy)
+    out = hx.stratify(*args)
+    assert_matches_reference(args, out)
+    assert bool((out.pstar.cpu() >= last).all())
+
+
+def eagle_pool(batch, k, depth, gen):
+    """EAGLE-2 pool: root, k level-0 nodes, then per level k frontier nodes x k children."""
+    num = 1 + k + depth * k * k
+    parents = torch.full((batch, num), -1, dtype=torch.int64)
+    scores = torch.zeros(batch, num)
+    scores[:, 1:1 + k] = torch.log_softmax(torch.randn(batch, 50, generator=gen) * 2, -1).topk(k).values
+    parents[:, 1:1 + k] = 0
+    frontier = torch.arange(1, 1 + k).expand(batch, k)
+    for level in range(1, depth + 1):
+        base = 1 + k + (level - 1) * k * k
+        logp = torch.log_softmax(torch.randn(batch, k, 50, generator=gen) * 2, -1).topk(k).values
+        level_scores = (scores.gather(1, frontier)[:, :, None] + logp).reshape(batch, k * k)
+        parents[:, base:base + k * k] = frontier.repeat_interleave(k, dim=1)
+        scores[:, base:base + k * k] = level_scores
+        frontier = base + level_scores.topk(k, dim=1).indices
+    return parents, scores
+
+
+# ----------------------------------------------------------------------------- exact semantics
+
+
+def test_hand_computed(device):
+    #   0 -> 1 -> 3 -> 5 ;  0 -> 2 -> 4 ; slot 6 is padding
+    parents = torch.tensor([[-1, 0, 0, 1, 2, 3, -1]])
+    step_entropy = torch.tensor([[9.0, 0.25, 0.5, 1.0, 2.0, 0.125, 7.0]])
+    confidence = torch.tensor([[5.0, 0.1, 0.2, 0.3, 0.9, 0.9, 10.0]])  # root and padding ignored
+    thresholds = torch.tensor([1.0, 2.5, 2.5, 4.0])
+    policy = torch.tensor([[4, 20], [3, 30], [2, 40], [1, 50], [0, 60]])
+    out = hx.stratify(*to(device, step_entropy, confidence, parents, thresholds, policy))
+    assert out.pstar.tolist() == [4]  # tie 0.9 between 4 and 5: lowest index
+    assert out.path_entropy.tolist() == [2.5]  # 0.5 + 2.0; the root's 9.0 is ignored
+    assert out.stratum.tolist() == [3]  # thresholds <= 2.5: 1.0, 2.5, 2.5
+    assert out.extra_depth.tolist() == [1] and out.top_n.tolist() == [50]
+
+
+def test_summation_order_is_root_down_float32(device):
+    # Root-down: (1 + 1e8) - 1e8 = 0 in float32; any other order gives 1.
+    parents = torch.tensor([[-1, 0, 1, 2]])
+    step_entropy = torch.tensor([[0.0, 1.0, 1e8, -1e8]])
+    confidence = torch.tensor([[0.0, 0.0, 0.0, 1.0]])
+    out = hx.stratify(*to(device, step_entropy, confidence, parents, torch.tensor([0.5]),
+                          torch.tensor([[0, 1], [0, 2]])))
+    assert out.pstar.tolist() == [3]
+    assert out.path_entropy.tolist() == [0.0]
+    assert out.stratum.tolist() == [0]
+
+
+def test_root_only_and_all_padding(device):
+    parents = torch.tensor([[-1, -1, -1], [-1, 0, -1]])
+    confidence = torch.tensor([[1.0, 2.0, 3.0], [0.0, float("-inf"), 0.0]])
+    step_entropy = torch.tensor([[5.0, 5.0, 5.0], [5.0, 3.0, 5.0]])
+    thresholds = torch.tensor([0.0, 2.0])
+    policy = torch.tensor([[1, 11], [2, 22], [3, 33]])
+    out = hx.stratify(*to(device, step_entropy, confidence, parents, thresholds, policy))
+    # Root-only tree: P* = 0, H = 0 (thresholds <= 0: one). -inf confidence is still eligible.
+    assert out.pstar.tolist() == [0, 1]
+    assert out.path_entropy.tolist() == [0.0, 3.0]
+    assert out.stratum.tolist() == [1, 2]
+    assert out.top_n.tolist() == [22, 33]
+    single = hx.stratify(*to(device, torch.zeros(3, 1), torch.zeros(3, 1),
+                             torch.full((3, 1), -1), thresholds, policy))
+    assert single.pstar.tolist() == [0, 0, 0] and single.stratum.tolist() == [1, 1, 1]
+
+
+def test_nan_confidence_is_minus_inf_and_nan_entropy_is_last_stratum(device):
+    parents = torch.tensor([[-1, 0, 0, 0], [-1, 0, 1, 1]])
+    confidence = torch.tensor([[0.0, float("nan"), float("-inf"), float("nan")],
+                               [0.0, 0.5, float("nan"), 0.7]])
+    step_entropy = torch.tensor([[0.0, 1.0, 2.0, 3.0], [0.0, float("nan"), 1.0, 1.0]])
+    thresholds = torch.tensor([0.5, 1.5])
+    policy = torch.tensor([[0, 1], [0, 2], [0, 3]])
+    out = hx.stratify(*to(device, step_entropy, confidence, parents, thresholds, policy))
+    assert out.pstar.tolist() == [1, 3]  # all -inf: lowest index; NaN loses to 0.5 and 0.7
+    assert out.path_entropy[0].item() == 1.0 and math.isnan(out.path_entropy[1].item())
+    assert out.stratum.tolist() == [1, 2]
+    assert out.top_n.tolist() == [2, 3]
+
+
+def test_single_stratum_and_infinite_thresholds(device):
+    gen = torch.Generator().manual_seed(5)
+    step_entropy, confidence, parents, _, _ = random_inputs("bushy", 7, 31, gen)
+    out = hx.stratify(*to(device, step_entropy, confidence, parents, torch.zeros(0),
+                          torch.tensor([[3, 9]])))
+    assert out.stratum.tolist() == [0] * 7 and out.top_n.tolist() == [9] * 7
+    thresholds = torch.tensor([float("-inf"), float("-inf"), 1.0, float("inf")])
+    args = to(device, step_entropy, confidence, parents, thresholds, torch.arange(10).view(5, 2))
+    assert_matches_reference(args, hx.stratify(*args))
+
+
+def test_make_policy_rows_feed_stratify(device):
+    policy = hx.make_policy(7, 59)
+    assert policy.tolist()[:4] == [[4, 23], [3, 39], [2, 62], [0, 60]]
+    parents = torch.tensor([[-1, 0, 1]])
+    out = hx.stratify(*to(device, torch.tensor([[0.0, 0.1, 0.1]]), torch.tensor([[0, 0, 1.0]]),
+                          parents, torch.tensor([0.1, 0.3, 0.5, 1, 2, 3, 4.0]), policy))
+    assert out.stratum.tolist() == [1]  # H = 0.2 >= 0.1 only
+    assert out.extra_depth.tolist() == [3] and out.top_n.tolist() == [39]
+
+
+# ----------------------------------------------------------------------------- layouts, out, opcheck
+
+
+def test_non_contiguous_inputs(device):
+    gen = torch.Generator().manual_seed(7)
+    args = to(device, *random_inputs("bushy", 9, 40, gen))
+    strided = [torch.stack([a, a], dim=-1)[..., 0] for a in args[:3]]
+    thresholds = torch.stack([args[3], args[3]], -1)[:, 1]
+    policy = args[4].t().contiguous().t()
+    inputs = [*strided, thresholds, policy]
+    assert not inputs[0].is_contiguous() and not inputs[3].is_contiguous()
+    assert_matches_reference(inputs, hx.stratify(*inputs))
+
+
+def test_out_variant_overwrites_buffers(device):
+    gen = torch.Generator().manual_seed(8)
+    args = to(device, *random_inputs("deep", 13, 50, gen))
+    outs = [torch.full((13,), float("nan"), device=device)] + [
+        torch.full((13,), 12345, dtype=torch.int64, device=device) for _ in range(4)]
+    assert hx.stratify_out(*args, *outs) is None
+    for name, got, want in zip(FIELDS, outs, hx.stratify(*args)):
+        assert torch.equal(got, want), name
+
+
+def test_empty_batch(device):
+    out = hx.stratify(*to(device, torch.zeros(0, 5), torch.zeros(0, 5),
+                          torch.zeros(0, 5, dtype=torch.int64), torch.zeros(1),
+                          torch.zeros(2, 2, dtype=torch.int64)))
+    assert all(t.shape == (0,) for t in out)
+
+
+def test_opcheck(device):
+    gen = torch.Generator().manual_seed(9)
+    args = to(device, *random_inputs("bushy", 5, 23, gen))
+    torch.library.opcheck(OP, tuple(args))
+    outs = [torch.empty(5, device=device)] + [torch.empty(5, dtype=torch.int64, device=device)
+                                              for _ in range(4)]
+    torch.library.opcheck(OP_OUT, tuple(args) + tuple(outs))
+
+
+def test_torch_compile_fullgraph(device):
+    gen = torch.Generator().manual_seed(10)
+    args = to(device, *random_inputs("bushy", 4, 19, gen))
+    compiled = torch.compile(hx.stratify, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(*args), hx.stratify(*args)):
+        assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------- malformed input
+
+
+MALFORMED_PARENTS = {
+    "parent_not_below_node": [[-1, 0, 1, 0], [-1, 0, 2, 1]],
+    "parent_below_minus_one": [[-1, 0, 1, 0], [-1, 0, -2, 1]],
+    "root_parent_not_minus_one": [[-1, 0, 1, 0], [0, 0, 1, 1]],
+    "real_node_under_padding": [[-1, 0, 1, 0], [-1, -1, 0, 1]],
+}
+
+
+def test_malformed_parents_on_cuda_give_sentinels(device):
+    if device.type != "cuda":
+        pytest.skip("CPU raises instead (see test_error_cases)")
+    for name, rows in MALFORMED_PARENTS.items():
+        parents = torch.tensor(rows)
+        args = to(device, torch.rand(2, 4), torch.rand(2, 4), parents, torch.tensor([0.5]),
+                  torch.tensor([[1, 2], [3, 4]]))
+        out = hx.stratify(*args)
+        torch.cuda.synchronize()
+        assert out.pstar.tolist()[1] == -1 and out.stratum.tolist()[1] == -1, name
+        assert math.isnan(out.path_entropy[1].item()), name
+        assert out.extra_depth.tolist()[1] == 0 and out.top_n.tolist()[1] == 0, name
+        good = ref.stratify(*[a.cpu()[:1] for a in args[:3]], *[a.cpu() for a in args[3:]])
+        for got, want in zip(out, good):
+            assert torch.equal(got[:1].cpu(), want), name
+
+
+GOOD = """
+B, M = 2, 4
+e = torch.rand(B, M, device=device); c = torch.rand(B, M, device=device)
+p = torch.tensor([[-1, 0, 1, 0], [-1, 0, 1, 1]], device=device)
+t = torch.tensor([0.5, 1.0], device=device); pol = torch.zeros(3, 2, dtype=torch.int64, device=device)
+"""
+
+
+def test_error_cases(device):
+    cases = {
+        "entropy_dtype": ("hx.stratify(e.double(), c, p, t, pol)", "RuntimeError", "step_entropy"),
+        "entropy_rank": ("hx.stratify(e[0], c, p, t, pol)", "RuntimeError", "step_entropy"),
+        "entropy_shape": ("hx.stratify(e[:, :3], c, p, t, pol)", "RuntimeError", "step_entropy"),
+        "confidence_dtype": ("hx.stratify(e, c.half(), p, t, pol)", "RuntimeError", "confidence"),
+        "confidence_shape": ("hx.stratify(e, c[:1], p, t, pol)", "RuntimeError", "confidence"),
+        "parents_dtype": ("hx.stratify(e, c, p.int(), t, pol)", "RuntimeError", "parents"),
+        "parents_rank": ("hx.stratify(e[0], c[0], p[0], t, pol)", "RuntimeError", "parents"),
+        "parents_empty": ("hx.stratify(e[:, :0], c[:, :0], p[:, :0], t, pol)", "RuntimeError",
+                          "parents"),
+        "thresholds_rank": ("hx.stratify(e, c, p, t[None], pol)", "RuntimeError", "thresholds"),
+        "thresholds_dtype": ("hx.stratify(e, c, p, t.double(), pol)", "RuntimeError",
+                             "thresholds"),
+        "policy_rows": ("hx.stratify(e, c, p, t, pol[:2])", "RuntimeError", "policy"),
+        "policy_cols": ("hx.stratify(e, c, p, t, torch.zeros(3, 3, dtype=torch.int64, "
+                        "device=device))", "RuntimeError", "policy"),
+        "policy_dtype": ("hx.stratify(e, c, p, t, pol.float())", "RuntimeError", "policy"),
+        "out_dtype": ("hx.stratify_out(e, c, p, t, pol, torch.empty(2, device=device).double(), "
+                      "*[torch.empty(2, dtype=torch.int64, device=device)] * 4)", "RuntimeError",
+                      "path_entropy"),
+        "out_shape": ("hx.stratify_out(e, c, p, t, pol, torch.empty(2, device=device), "
+                      "*[torch.empty(2, dtype=torch.int64, device=device)] * 3, "
+                      "torch.empty(3, dtype=torch.int64, device=device))", "RuntimeError",
+                      "top_n"),
+        "out_strided": ("hx.stratify_out(e, c, p, t, pol, torch.empty(2, device=device), "
+                        "torch.empty(4, dtype=torch.int64, device=device)[::2], "
+                        "*[torch.empty(2, dtype=torch.int64, device=device)] * 3)",
+                        "RuntimeError", "pstar"),
+    }
+    data_cases = {
+        f"malformed_{name}": (f"hx.stratify(e, c, torch.tensor({rows}, device=device), t, pol)",
+                              "ValueError", "parents")
+        for name, rows in MALFORMED_PARENTS.items()
+    }
+    data_cases["thresholds_unsorted"] = (
+        "hx.stratify(e, c, p, torch.tensor([1.0, 0.5], device=device), pol)", "ValueError",
+        "thresholds")
+    data_cases["thresholds_nan"] = (
+        "hx.stratify(e, c, p, torch.tensor([0.5, float('nan')], device=device), pol)",
+        "ValueError", "thresholds")
+    if device.type == "cpu":
+        cases.update(data_cases)
+    if device.type == "cuda":
+        cases["device_mismatch"] = ("hx.stratify(e.cpu(), c, p, t, pol)", "RuntimeError",
+                                    "same device")
+    results = run_error_cases([(n, GOOD + code) for n, (code, _, _) in cases.items()], device)
+    for name, (_, exc_type, needle) in cases.items():
+        got_type, message = results[name]
+        assert got_type == exc_type, f"{name}: {got_type}: {message}"
+        assert needle in message, f"{name}: {message}"
+        if name.startswith("malformed_"):
+            assert "request 1" in message, f"{name}: {message}"
+    if device.type == "cuda":  # data errors cannot raise on CUDA: sentinels, no exception
+        results = run_error_cases([(n, GOOD + code) for n, (code, _, _) in data_cases.items()],
+                                  device)
+        assert all(v[0] is None for v in results.values()), results
