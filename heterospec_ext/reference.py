@@ -159,7 +159,146 @@ def build_tree(pool_parents, pool_scores, pool_tokens, top_n, n_max: int):
 # ----------------------------------------------------------------------------- fused_verify
 
 
+def _fv_children(parents_row, v: int):
+    """Children of node v in increasing index order: nodes c > v with parents[c] == v."""
+    return [c for c in range(v + 1, parents_row.numel()) if int(parents_row[c]) == v]
+
+
+def _fv_validate_tree(parents_row, candidates_row, vocab: int, b: int):
+    n = parents_row.numel()
+    if int(parents_row[0]) != -1:
+        raise ValueError(f"parents: request {b}: the root's parent (node 0) must be -1, "
+                         f"got {int(parents_row[0])}")
+    for i in range(1, n):
+        p = int(parents_row[i])
+        if p == -1:
+            continue
+        if not 0 <= p < i or (p > 0 and int(parents_row[p]) == -1):
+            raise ValueError(f"parents: request {b}: node {i} has invalid parent {p} "
+                             f"(need -1 or a real node in [0, {i}))")
+    for i in range(1, n):
+        if int(parents_row[i]) >= 0 and not 0 <= int(candidates_row[i]) < vocab:
+            raise ValueError(f"candidates: request {b}: node {i} has token "
+                             f"{int(candidates_row[i])} outside [0, {vocab})")
+
+
+def _fv_checked_row(row, b: int, v: int):
+    x = row.double()
+    if torch.isnan(x).any() or torch.isposinf(x).any():
+        raise ValueError(f"target_logits: request {b} node {v}: NaN or +inf logits")
+    if torch.isneginf(x).all():
+        raise ValueError(f"target_logits: request {b} node {v}: every logit is -inf")
+    return x
+
+
+def _fv_target_probs(x, temperature: float, top_k: int, top_p: float):
+    """Processed target distribution of one row (float64): temperature, top-k, softmax, top-p."""
+    vocab = x.numel()
+    keep = torch.ones_like(x, dtype=torch.bool)
+    if 0 < top_k < vocab:
+        kth_largest = torch.topk(x, top_k).values[-1]
+        keep = x >= kth_largest  # boundary ties all kept
+    z = (x - x.max()) / temperature
+    w = torch.where(keep & ~torch.isneginf(x), torch.exp(z), torch.zeros_like(z))
+    p = w / w.sum()
+    if top_p < 1.0:
+        desc = torch.sort(p, descending=True).values
+        reached = torch.nonzero(torch.cumsum(desc, 0) >= top_p)
+        tau = desc[reached[0, 0]] if reached.numel() else torch.zeros((), dtype=p.dtype)
+        p = torch.where(p >= tau, p, torch.zeros_like(p))  # ties with tau kept
+        p = p / p.sum()
+    return p
+
+
+def _fv_inverse_cdf(weights, u: float) -> int:
+    """Smallest id whose cumulative mass exceeds u * total; rounding past the end falls back
+    to the last id with mass > 0."""
+    cum = torch.cumsum(weights, 0)
+    crossed = torch.nonzero(cum > u * cum[-1])
+    if crossed.numel():
+        return int(crossed[0, 0])
+    return int(torch.nonzero(weights > 0)[-1, 0])
+
+
 def fused_verify(target_logits, candidates, parents, temperature, top_k, top_p, uniforms,
                  draft_probs: Optional[torch.Tensor] = None):
-    """Reference for :func:`heterospec_ext.fused_verify` (``[B]`` tensors for the parameters)."""
-    raise NotImplementedError("fused_verify reference: owned by the fused_verify work")
+    """Reference for :func:`heterospec_ext.fused_verify` (``[B]`` tensors for the parameters).
+
+    Walks each request's tree from the root exactly as the docstring of the op says, with the
+    same uniforms columns (column c for node c's test, column 0 for the final draw), in float64.
+    Raises ``ValueError`` naming the argument on invalid data (CPU semantics).
+    """
+    batch, nodes, vocab = target_logits.shape
+    out_tokens = torch.full((batch, nodes), -1, dtype=torch.int64)
+    accepted_nodes = torch.full((batch, nodes), -1, dtype=torch.int64)
+    num_accepted = torch.zeros((batch,), dtype=torch.int64)
+    logits = target_logits.detach().cpu()
+    cands, pars = candidates.cpu(), parents.cpu()
+    temps, ks, ps = temperature.cpu(), top_k.cpu(), top_p.cpu()
+    us = uniforms.cpu()
+    qs = draft_probs.detach().cpu() if draft_probs is not None else None
+    for b in range(batch):
+        _fv_validate_tree(pars[b], cands[b], vocab, b)
+        t, k, top_p_b = float(temps[b]), int(ks[b]), float(ps[b])
+        if not 0.0 <= t < float("inf"):  # NaN fails too
+            raise ValueError(f"temperature: request {b}: must be finite and >= 0, got {t}")
+        if not 0.0 < top_p_b <= 1.0:
+            raise ValueError(f"top_p: request {b}: must lie in (0, 1], got {top_p_b}")
+        greedy = t == 0.0
+        if not greedy and not bool(((us[b] >= 0) & (us[b] < 1)).all()):
+            raise ValueError(f"uniforms: request {b}: every value must lie in [0, 1)")
+        path, v = [0], 0
+        while True:
+            x = _fv_checked_row(logits[b, v], b, v)
+            children = _fv_children(pars[b], v)
+            accepted = None
+            if greedy:
+                best = int(torch.argmax(x))  # first (lowest) id among ties
+                accepted = next((c for c in children if int(cands[b, c]) == best), None)
+                emitted = best
+            elif qs is None:
+                residual = _fv_target_probs(x, t, k, top_p_b)
+                rejected = set()
+                for c in children:
+                    tok = int(cands[b, c])
+                    if tok in rejected:
+                        continue  # duplicate sibling: already rejected, residual 0
+                    if float(us[b, c]) < float(residual[tok]):
+                        accepted = c
+                        break
+                    rejected.add(tok)
+                    residual[tok] = 0.0
+                    residual = residual / residual.sum()
+                if accepted is None:
+                    emitted = _fv_inverse_cdf(residual, float(us[b, 0]))
+            else:
+                residual = _fv_target_probs(x, t, k, top_p_b)
+                if children:
+                    q = qs[b, v].double()
+                    if not bool((torch.isfinite(q) & (q >= 0)).all()):
+                        raise ValueError(f"draft_probs: request {b} node {v}: values must be "
+                                         f"finite and >= 0")
+                for c in children:
+                    tok = int(cands[b, c])
+                    p_x, q_x = float(residual[tok]), float(q[tok])
+                    if (p_x > 0.0) if q_x == 0.0 else (float(us[b, c]) < p_x / q_x):
+                        accepted = c
+                        break
+                    diff = torch.clamp(residual - q, min=0.0)
+                    if float(diff.sum()) > 0.0:
+                        residual = diff / diff.sum()
+                if accepted is None:
+                    emitted = _fv_inverse_cdf(residual, float(us[b, 0]))
+            if accepted is None:
+                break
+            path.append(accepted)
+            v = accepted
+        num = len(path) - 1
+        accepted_nodes[b, : num + 1] = torch.tensor(path, dtype=torch.int64)
+        if num:
+            out_tokens[b, :num] = cands[b, path[1:]]
+        out_tokens[b, num] = emitted
+        num_accepted[b] = num
+    dev = target_logits.device
+    return out_tokens.to(dev), accepted_nodes.to(dev), num_accepted.to(dev)
+

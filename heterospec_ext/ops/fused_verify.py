@@ -88,6 +88,19 @@ def fused_verify(
     Invalid data (NaN logits, a malformed tree, an out-of-range candidate, uniforms outside
     [0, 1), bad sampling parameters): on CPU a ``ValueError`` naming the argument; on CUDA the
     request emits nothing (``num_accepted = 0``, all -1) rather than syncing to raise.
+    Precisely: ``parents``, the candidates of real non-root nodes, ``temperature`` (finite,
+    ``>= 0``) and ``top_p`` are checked for every request; ``uniforms`` (all N columns) for
+    sampling requests only (greedy requests ignore ``uniforms`` and ``draft_probs``). Only rows
+    that are read are checked: a visited row of ``target_logits`` holding NaN or ``+inf``, or
+    only ``-inf``, is invalid; in real-q mode the ``draft_probs`` row of a visited node with
+    children must be finite and ``>= 0`` (it is used as given, not renormalised).
+
+    Numerics: top-k compares logits (the same set as comparing ``z`` for ``T > 0``); if the
+    top-p running sum never reaches ``top_p`` through rounding, every token is kept; if rounding
+    leaves the deterministic-draft residual without mass, the final draw uses p. Backends
+    differ only in summation order, so decisions can differ only when a uniform lies within
+    rounding distance of a threshold. The shared scalar rules live in
+    ``csrc/core/fused_verify.h``.
     """
     temperature, top_k, top_p = sampling_params(target_logits, temperature, top_k, top_p)
     if uniforms is None:

@@ -1,0 +1,111 @@
+// Argument checks of fused_verify shared by the CPU and CUDA bindings: ranks,
+// dtypes, shapes and devices (metadata only; never reads tensor data, so it is
+// safe under CUDA-graph capture). Data-dependent checks (NaN logits, malformed
+// trees, out-of-range candidates / uniforms / sampling parameters) are done by
+// the kernels: ValueError on CPU, sentinel outputs on CUDA.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+#include <optional>
+
+#include "check.h"
+
+namespace heterospec {
+
+// target_logits [B, N, V] float32/float16/bfloat16 (any strides); candidates,
+// parents [B, N] int64; temperature [B] float32; top_k [B] int64; top_p [B]
+// float32; uniforms [B, N] float32; draft_probs optional [B, N, V] float32.
+// N >= 1 (the root) and V >= 1. Everything on target_logits' device.
+inline void check_fused_verify_args(const at::Tensor& target_logits,
+                                    const at::Tensor& candidates,
+                                    const at::Tensor& parents,
+                                    const at::Tensor& temperature,
+                                    const at::Tensor& top_k,
+                                    const at::Tensor& top_p,
+                                    const at::Tensor& uniforms,
+                                    const std::optional<at::Tensor>& draft_probs) {
+  HX_CHECK_DIM(target_logits, 3);
+  HX_CHECK_LOGIT_DTYPE(target_logits);
+  const int64_t batch = target_logits.size(0);
+  const int64_t nodes = target_logits.size(1);
+  const int64_t vocab = target_logits.size(2);
+  TORCH_CHECK(nodes >= 1, "target_logits.size(1) (tree nodes N) must be >= 1 (the root), got ",
+              nodes);
+  TORCH_CHECK(vocab >= 1, "target_logits.size(2) (vocab V) must be >= 1, got ", vocab);
+
+  HX_CHECK_DIM(candidates, 2);
+  HX_CHECK_DTYPE(candidates, at::kLong);
+  HX_CHECK_SIZE(candidates, 0, batch);
+  HX_CHECK_SIZE(candidates, 1, nodes);
+  HX_CHECK_SAME_DEVICE(candidates, target_logits);
+
+  HX_CHECK_DIM(parents, 2);
+  HX_CHECK_DTYPE(parents, at::kLong);
+  HX_CHECK_SIZE(parents, 0, batch);
+  HX_CHECK_SIZE(parents, 1, nodes);
+  HX_CHECK_SAME_DEVICE(parents, target_logits);
+
+  HX_CHECK_DIM(temperature, 1);
+  HX_CHECK_DTYPE(temperature, at::kFloat);
+  HX_CHECK_SIZE(temperature, 0, batch);
+  HX_CHECK_SAME_DEVICE(temperature, target_logits);
+
+  HX_CHECK_DIM(top_k, 1);
+  HX_CHECK_DTYPE(top_k, at::kLong);
+  HX_CHECK_SIZE(top_k, 0, batch);
+  HX_CHECK_SAME_DEVICE(top_k, target_logits);
+
+  HX_CHECK_DIM(top_p, 1);
+  HX_CHECK_DTYPE(top_p, at::kFloat);
+  HX_CHECK_SIZE(top_p, 0, batch);
+  HX_CHECK_SAME_DEVICE(top_p, target_logits);
+
+  HX_CHECK_DIM(uniforms, 2);
+  HX_CHECK_DTYPE(uniforms, at::kFloat);
+  HX_CHECK_SIZE(uniforms, 0, batch);
+  HX_CHECK_SIZE(uniforms, 1, nodes);
+  HX_CHECK_SAME_DEVICE(uniforms, target_logits);
+
+  if (draft_probs.has_value()) {
+    const at::Tensor& q = *draft_probs;
+    TORCH_CHECK(q.dim() == 3, "draft_probs must be a 3-D tensor, got ", q.dim(),
+                "-D with shape ", q.sizes());
+    TORCH_CHECK(q.scalar_type() == at::kFloat, "draft_probs must have dtype float32, got ",
+                q.scalar_type());
+    TORCH_CHECK(q.size(0) == batch && q.size(1) == nodes && q.size(2) == vocab,
+                "draft_probs must have the shape of target_logits ", target_logits.sizes(),
+                ", got ", q.sizes());
+    TORCH_CHECK(q.device() == target_logits.device(),
+                "draft_probs and target_logits must be on the same device, got ", q.device(),
+                " and ", target_logits.device());
+  }
+}
+
+// Outputs of fused_verify_out: out_tokens, accepted_nodes [B, N] int64 and
+// num_accepted [B] int64 on target_logits' device (any strides).
+inline void check_fused_verify_outputs(const at::Tensor& target_logits,
+                                       const at::Tensor& out_tokens,
+                                       const at::Tensor& accepted_nodes,
+                                       const at::Tensor& num_accepted) {
+  const int64_t batch = target_logits.size(0);
+  const int64_t nodes = target_logits.size(1);
+  HX_CHECK_DIM(out_tokens, 2);
+  HX_CHECK_DTYPE(out_tokens, at::kLong);
+  HX_CHECK_SIZE(out_tokens, 0, batch);
+  HX_CHECK_SIZE(out_tokens, 1, nodes);
+  HX_CHECK_SAME_DEVICE(out_tokens, target_logits);
+
+  HX_CHECK_DIM(accepted_nodes, 2);
+  HX_CHECK_DTYPE(accepted_nodes, at::kLong);
+  HX_CHECK_SIZE(accepted_nodes, 0, batch);
+  HX_CHECK_SIZE(accepted_nodes, 1, nodes);
+  HX_CHECK_SAME_DEVICE(accepted_nodes, target_logits);
+
+  HX_CHECK_DIM(num_accepted, 1);
+  HX_CHECK_DTYPE(num_accepted, at::kLong);
+  HX_CHECK_SIZE(num_accepted, 0, batch);
+  HX_CHECK_SAME_DEVICE(num_accepted, target_logits);
+}
+
+}  // namespace heterospec

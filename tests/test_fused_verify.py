@@ -1,0 +1,526 @@
+"""fused_verify: decision-for-decision agreement with the float64 reference, crafted exact cases,
+structural invariants, the _out variant, opcheck and invalid input."""
+import math
+import os
+import sys
+import zlib
+
+import pytest
+import torch
+
+import heterospec_ext as hx
+from heterospec_ext import reference as ref
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import run_error_cases  # noqa: E402  (tests/ is not a package)
+
+OP = torch.ops.heterospec.fused_verify.default
+OP_OUT = torch.ops.heterospec.fused_verify_out.default
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+# ----------------------------------------------------------------------------- input builders
+
+
+def make_parents(kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
+    """One [n] tree in the stratify convention; kind in chain/star/bushy/deep/padded."""
+    parents = torch.full((n,), -1, dtype=torch.int64)
+    for i in range(1, n):
+        if kind == "chain":
+            parents[i] = i - 1
+        elif kind == "star":
+            parents[i] = 0
+        elif kind == "bushy":
+            parents[i] = int(torch.randint(0, i, (1,), generator=gen))
+        elif kind == "deep":  # mostly a chain with a few side branches
+            back = int(torch.randint(1, 4, (1,), generator=gen))
+            parents[i] = max(0, i - back)
+        elif kind == "padded":  # random tree with padding slots sprinkled in
+            if torch.rand((), generator=gen) < 0.3:
+                continue
+            real = [j for j in range(i) if j == 0 or parents[j] >= 0]
+            parents[i] = real[int(torch.randint(0, len(real), (1,), generator=gen))]
+        else:
+            raise ValueError(kind)
+    return parents
+
+
+KINDS = ["chain", "star", "bushy", "deep", "padded"]
+
+
+def make_case(batch, nodes, vocab, gen, *, dtype=torch.float32, kinds=KINDS, dup_rate=0.15,
+              boost=(2.0, 9.0), scale=1.0):
+    """Random trees, candidates (some duplicate siblings, -1 on padding and the root), and
+    logits in which children tokens are boosted so that deep acceptance happens."""
+    parents = torch.stack([make_parents(kinds[b % len(kinds)], nodes, gen) for b in range(batch)])
+    cands = torch.randint(0, vocab, (batch, nodes), generator=gen)
+    for b in range(batch):
+        for c in range(1, nodes):
+            p = int(parents[b, c])
+            if p < 0:
+                cands[b, c] = -1
+                continue
+            if torch.rand((), generator=gen) < dup_rate:
+                sibs = [s for s in range(p + 1, c) if int(parents[b, s]) == p]
+                if sibs:
+                    cands[b, c] = cands[b, sibs[0]]
+    cands[:, 0] = -1
+    logits = torch.randn(batch, nodes, vocab, generator=gen) * scale
+    real = parents >= 0
+    real[:, 0] = False
+    bidx, cidx = torch.nonzero(real, as_tuple=True)
+    amount = torch.empty(bidx.numel()).uniform_(*boost, generator=gen)
+    logits.index_put_((bidx, parents[bidx, cidx], cands[bidx, cidx]), amount, accumulate=True)
+    return logits.to(dtype), cands, parents
+
+
+def params(batch, gen, *, greedy_rate=0.3, vocab=1000):
+    temperature = torch.rand(batch, generator=gen) * 1.5 + 0.3
+    temperature[torch.rand(batch, generator=gen) < greedy_rate] = 0.0
+    top_k = torch.randint(-1, min(vocab, 40), (batch,), generator=gen)
+    top_k[torch.rand(batch, generator=gen) < 0.4] = 0
+    top_p = torch.rand(batch, generator=gen) * 0.7 + 0.3
+    top_p[torch.rand(batch, generator=gen) < 0.4] = 1.0
+    return temperature, top_k, top_p
+
+
+def draft_probs_for(logits, gen):
+    q = torch.softmax(logits.float() + torch.randn(logits.shape, generator=gen), dim=-1)
+    return q
+
+
+def run_both(device, logits, cands, parents, temperature, top_k, top_p, uniforms, q=None):
+    dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+    got = OP(dev(logits), dev(cands), dev(parents), dev(temperature), dev(top_k), dev(top_p),
+             dev(uniforms), dev(q))
+    want = ref.fused_verify(logits, cands, parents, temperature, top_k, top_p, uniforms, q)
+    return tuple(t.cpu() for t in got), want
+
+
+def assert_same(got, want):
+    names = ("out_tokens", "accepted_nodes", "num_accepted")
+    for name, g, w in zip(names, got, want):
+        assert torch.equal(g, w), f"{name} differs:\n got  {g}\n want {w}"
+
+
+def assert_invariants(result, cands, parents, vocab):
+    out_tokens, accepted_nodes, num_accepted = (t.cpu() for t in result)
+    batch, nodes = cands.shape
+    for b in range(batch):
+        a = int(num_accepted[b])
+        assert 0 <= a < nodes
+        assert int((out_tokens[b] != -1).sum()) == a + 1
+        assert (out_tokens[b, a + 1:] == -1).all() and (accepted_nodes[b, a + 1:] == -1).all()
+        assert int(accepted_nodes[b, 0]) == 0
+        for i in range(a):
+            child, par = int(accepted_nodes[b, i + 1]), int(accepted_nodes[b, i])
+            assert int(parents[b, child]) == par, "accepted nodes must form a root path"
+            assert int(out_tokens[b, i]) == int(cands[b, child])
+        assert 0 <= int(out_tokens[b, a]) < vocab
+
+
+# ----------------------------------------------------------------------------- vs reference
+
+
+SHAPES = [(1, 1, 7), (7, 7, 1000), (83, 7, 7), (7, 64, 1000), (3, 64, 32000), (2, 64, 128256)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}N{}V{}".format(*s))
+@pytest.mark.parametrize("mode", ["greedy", "sampling", "real_q"])
+def test_matches_reference(device, dtype, shape, mode):
+    batch, nodes, vocab = shape
+    gen = torch.Generator().manual_seed(zlib.crc32(f"{shape}{mode}{dtype}".encode()))
+    logits, cands, parents = make_case(batch, nodes, vocab, gen, dtype=dtype,
+                                       boost=(2.0, 4.0 + math.log(vocab)))
+    temperature, top_k, top_p = params(batch, gen, greedy_rate=1.0 if mode == "greedy" else 0.2,
+                                       vocab=vocab)
+    uniforms = torch.rand(batch, nodes, generator=gen)
+    q = draft_probs_for(logits, gen) if mode == "real_q" else None
+    got, want = run_both(device, logits, cands, parents, temperature, top_k, top_p, uniforms, q)
+    assert_same(got, want)
+    assert_invariants(got, cands, parents, vocab)
+    if nodes >= 7 and batch >= 3:  # the builder must produce real acceptance, or this tests little
+        assert int(got[2].max()) >= (2 if mode == "greedy" else 1)
+
+
+def test_mixed_batch_many_trees(device):
+    """Greedy and sampled rows, every top-k / top-p combination, in one batch of 83."""
+    gen = torch.Generator().manual_seed(11)
+    batch, nodes, vocab = 83, 64, 257
+    logits, cands, parents = make_case(batch, nodes, vocab, gen)
+    temperature, top_k, top_p = params(batch, gen, vocab=vocab)
+    uniforms = torch.rand(batch, nodes, generator=gen)
+    for q in (None, draft_probs_for(logits, gen)):
+        got, want = run_both(device, logits, cands, parents, temperature, top_k, top_p, uniforms,
+                             q)
+        assert_same(got, want)
+        assert_invariants(got, cands, parents, vocab)
+        greedy = temperature == 0
+        assert greedy.any() and (~greedy).any()
+        assert int(got[2][greedy].max()) >= 3 and int(got[2][~greedy].max()) >= 3
+        assert int((got[2] == 0).sum()) >= 1  # rejections at the root happen too
+
+
+def test_strided_inputs(device):
+    gen = torch.Generator().manual_seed(3)
+    batch, nodes, vocab = 5, 9, 300
+    logits, cands, parents = make_case(batch, nodes, vocab, gen)
+    temperature, top_k, top_p = params(batch, gen, vocab=vocab)
+    uniforms = torch.rand(batch, nodes, generator=gen)
+    q = draft_probs_for(logits, gen)
+    want_det = ref.fused_verify(logits, cands, parents, temperature, top_k, top_p, uniforms)
+    want_q = ref.fused_verify(logits, cands, parents, temperature, top_k, top_p, uniforms, q)
+    d = lambda t: t.to(device)  # noqa: E731
+    # logits: a node-strided view (rows not adjacent), and one with a non-unit vocab stride
+    big = torch.zeros(batch, 2 * nodes, vocab + 5)
+    big[:, ::2, 3:vocab + 3] = logits
+    node_strided = d(big)[:, ::2, 3:vocab + 3]
+    vocab_strided = d(logits.transpose(1, 2).contiguous()).transpose(1, 2)
+    qbig = torch.zeros(batch, nodes, 2 * vocab)
+    qbig[:, :, ::2] = q
+    q_strided = d(qbig)[:, :, ::2]
+    c_strided = d(cands.t().contiguous()).t()
+    p_strided = d(parents.t().contiguous()).t()
+    u_strided = d(uniforms.t().contiguous()).t()
+    t_strided = d(torch.stack([temperature, temperature], 1))[:, 0]
+    for lg in (node_strided, vocab_strided):
+        assert not lg.is_contiguous()
+        got = OP(lg, c_strided, p_strided, t_strided, d(top_k), d(top_p), u_strided, None)
+        assert_same([t.cpu() for t in got], want_det)
+        got = OP(lg, c_strided, p_strided, t_strided, d(top_k), d(top_p), u_strided, q_strided)
+        assert_same([t.cpu() for t in got], want_q)
+
+
+def test_neg_inf_and_extreme_logits(device):
+    gen = torch.Generator().manual_seed(5)
+    batch, nodes, vocab = 40, 12, 64
+    logits, cands, parents = make_case(batch, nodes, vocab, gen, scale=1.0)
+    # mask half of the vocab to -inf in every row (some candidates land on masked tokens) and
+    # push a few logits to huge finite values that overflow float32 once divided by T.
+    logits[:, :, vocab // 2:] = -math.inf
+    logits[::3, :, 0] = 3.0e38
+    logits[1::3, :, 1] = -3.0e38
+    temperature, top_k, top_p = params(batch, gen, vocab=vocab)
+    temperature[::4] = 1e-3
+    uniforms = torch.rand(batch, nodes, generator=gen)
+    for q in (None, draft_probs_for(torch.nan_to_num(logits, neginf=-50.0, posinf=50.0), gen)):
+        got, want = run_both(device, logits, cands, parents, temperature, top_k, top_p, uniforms,
+                             q)
+        assert_same(got, want)
+        assert_invariants(got, cands, parents, vocab)
+        assert (got[0][got[0] >= 0] < vocab // 2).all(), "a -inf token was emitted"
+
+
+def test_ties_greedy_lowest_id(device):
+    batch, nodes, vocab = 3, 4, 16
+    logits = torch.zeros(batch, nodes, vocab)
+    logits[1, :, 5] = 1.0
+    logits[1, :, 9] = 1.0  # tie between 5 and 9 -> 5
+    logits[2, :, :] = -math.inf
+    logits[2, :, 15] = 0.0
+    logits[2, :, 7] = 0.0  # tie with -inf elsewhere -> 7
+    parents = torch.tensor([[-1, 0, 0, 1]] * batch)
+    cands = torch.tensor([[-1, 3, 0, 0], [-1, 9, 5, 5], [-1, 15, 7, 7]])
+    zeros = torch.zeros(batch)
+    got = OP(logits.to(device), cands.to(device), parents.to(device), zeros.to(device),
+             torch.zeros(batch, dtype=torch.int64, device=device), torch.ones(batch, device=device),
+             torch.zeros(batch, nodes, device=device), None)
+    got = [t.cpu() for t in got]
+    # request 0: argmax of an all-zero row is id 0 -> node 2, then its row's argmax 0 is the bonus
+    assert got[1][0].tolist() == [0, 2, -1, -1] and got[0][0].tolist() == [0, 0, -1, -1]
+    assert got[1][1].tolist() == [0, 2, -1, -1] and got[0][1].tolist() == [5, 5, -1, -1]
+    assert got[1][2].tolist() == [0, 2, -1, -1] and got[0][2].tolist() == [7, 7, -1, -1]
+
+
+def test_top_k_and_top_p_boundary_ties_kept(device):
+    """Root-only trees, final draw swept over u0: the support of the emitted token is exactly the
+    kept set, boundary ties included."""
+    rows = 1000
+    u0 = (torch.arange(rows, dtype=torch.float64) / rows).float().unsqueeze(1)
+    parents = torch.full((rows, 1), -1, dtype=torch.int64)
+    cands = torch.full((rows, 1), -1, dtype=torch.int64)
+
+    def support(row_logits, temperature, top_k, top_p):
+        lg = torch.tensor(row_logits).expand(rows, 1, -1).contiguous()
+        t, k, p = hx.ops.fused_verify.sampling_params(lg, temperature, top_k, top_p)
+        got = OP(lg.to(device), cands.to(device), parents.to(device), t.to(device), k.to(device),
+                 p.to(device), u0.to(device), None)
+        want = ref.fused_verify(lg, cands, parents, t, k, p, u0)
+        assert_same([x.cpu() for x in got], want)
+        return set(got[0][:, 0].cpu().tolist())
+
+    # top-k = 2 with a three-way tie at the 2nd largest logit keeps all four
+    assert support([3.0, 2.0, 2.0, 2.0, 1.0], 1.0, 2, 1.0) == {0, 1, 2, 3}
+    assert support([3.0, 2.0, 2.0, 2.0, 1.0], 1.0, 1, 1.0) == {0}
+    assert support([3.0, 2.0, 2.0, 2.0, 1.0], 1.0, 0, 1.0) == {0, 1, 2, 3, 4}
+    # p = [0.4, 0.2, 0.2, 0.2]: top_p 0.5 reaches 0.6 inside the tie -> all kept; 0.3 -> only 0
+    lp = [math.log(0.4), math.log(0.2), math.log(0.2), math.log(0.2)]
+    assert support(lp, 1.0, 0, 0.5) == {0, 1, 2, 3}
+    assert support(lp, 1.0, 0, 0.3) == {0}
+    # top-p acts on the renormalised top-k set: p = [.5, .3, .15, .05], k = 2 -> [.625, .375]
+    lp = [math.log(0.5), math.log(0.3), math.log(0.15), math.log(0.05)]
+    assert support(lp, 1.0, 2, 0.6) == {0}
+    assert support(lp, 1.0, 0, 0.6) == {0, 1}
+    assert support(lp, 1.0, 2, 0.7) == {0, 1}
+    assert support(lp, 1.0, 0, 0.85) == {0, 1, 2}
+    # temperature flattens before top-p: T = 4 -> p ~ [.31, .27, .22, .19]; top_p .6 -> 3 tokens
+    assert support(lp, 4.0, 0, 0.6) == {0, 1, 2}
+
+
+def test_zero_mass_tokens_never_accepted_or_drawn(device):
+    """Candidates on -inf / top-k-removed tokens are never accepted even with u = 0, and a final
+    uniform just below 1 never draws a trailing zero-probability token."""
+    batch, nodes, vocab = 4, 3, 8
+    logits = torch.full((batch, nodes, vocab), -math.inf)
+    logits[:, :, :3] = torch.tensor([1.0, 0.5, 0.25])
+    logits[:, :, 3] = -5.0  # removed by top_k = 3 in requests 2 and 3
+    parents = torch.tensor([[-1, 0, 0]] * batch)
+    cands = torch.tensor([[-1, 6, 7], [-1, 7, 6], [-1, 3, 3], [-1, 3, 6]])
+    uniforms = torch.zeros(batch, nodes)
+    uniforms[:, 0] = 0.99999994
+    temperature = torch.ones(batch)
+    top_k = torch.tensor([0, 0, 3, 3])
+    uniform_q = torch.full((batch, nodes, vocab), 1.0 / vocab)
+    # real q: each rejection subtracts q = 1/8, which removes token 3 (p ~ .0014) everywhere
+    for q, last_kept in ((None, [3, 3, 2, 2]), (uniform_q, [2, 2, 2, 2])):
+        got, want = run_both(device, logits, cands, parents, temperature, top_k,
+                             torch.ones(batch), uniforms, q)
+        assert_same(got, want)
+        assert (got[2] == 0).all()
+        assert got[0][:, 0].tolist() == last_kept
+
+
+def test_duplicate_siblings(device):
+    """Deterministic mode skips a repeated sibling token; real-q mode tests it, and its residual
+    update changes the final draw (worked example, p = [.5,.3,.2], q = [.2,.2,.6])."""
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.2])).expand(1, 3, 3).contiguous()
+    parents = torch.tensor([[-1, 0, 0]])
+    cands = torch.tensor([[-1, 2, 2]])
+    q = torch.tensor([0.2, 0.2, 0.6]).expand(1, 3, 3).contiguous()
+    one, k0, p1 = torch.ones(1), torch.zeros(1, dtype=torch.int64), torch.ones(1)
+    # first test of token 2: ratio 1/3, u = .5 rejects; p' = [.75, .25, 0]; the duplicate's
+    # rejection gives p'' = [11/12, 1/12, 0]; u0 = .8 -> token 0 (a skipped duplicate: token 1)
+    uniforms = torch.tensor([[0.8, 0.5, 0.0]])
+    got, want = run_both(device, logits, cands, parents, one, k0, p1, uniforms, q)
+    assert_same(got, want)
+    assert got[0].tolist() == [[0, -1, -1]] and int(got[2]) == 0
+    # deterministic: token 2 rejected (u = .5 >= .2), duplicate skipped although u = 0
+    got, want = run_both(device, logits, cands, parents, one, k0, p1, uniforms, None)
+    assert_same(got, want)
+    assert int(got[2]) == 0 and int(got[0][0, 0]) != 2
+
+
+@pytest.mark.parametrize("mode", ["greedy", "sampling", "real_q"])
+def test_one_hot_target_equal_to_draft(device, mode):
+    """A one-hot target that agrees with the draft accepts the whole path, whatever the coins."""
+    gen = torch.Generator().manual_seed(21)
+    batch, nodes, vocab = 9, 10, 50
+    parents = torch.stack([make_parents("chain", nodes, gen) for _ in range(batch)])
+    path = torch.randint(0, vocab, (batch, nodes + 1), generator=gen)  # path[:, nodes]: bonus
+    cands = path[:, :nodes].clone()
+    cands[:, 0] = -1
+    logits = torch.full((batch, nodes, vocab), -math.inf)
+    logits.scatter_(2, path[:, 1:, None], 0.0)  # node v's target is one-hot on path[v + 1]
+    q = None
+    if mode == "real_q":
+        q = torch.softmax(logits, dim=-1)  # one-hot draft equal to the target
+    temperature = torch.zeros(batch) if mode == "greedy" else torch.rand(batch, generator=gen) + 0.5
+    uniforms = torch.rand(batch, nodes, generator=gen)
+    got, want = run_both(device, logits, cands, parents, temperature,
+                         torch.zeros(batch, dtype=torch.int64), torch.ones(batch), uniforms, q)
+    assert_same(got, want)
+    assert (got[2] == nodes - 1).all()
+    assert torch.equal(got[0], path[:, 1:])
+    assert torch.equal(got[1], torch.arange(nodes).expand(batch, nodes))
+
+
+def test_greedy_ignores_uniforms_and_draft_probs(device):
+    gen = torch.Generator().manual_seed(8)
+    logits, cands, parents = make_case(6, 8, 30, gen)
+    zeros, k0, p1 = torch.zeros(6), torch.zeros(6, dtype=torch.int64), torch.ones(6)
+    garbage_u = torch.full((6, 8), 7.0)
+    garbage_q = torch.full((6, 8, 30), float("nan"))
+    a = OP(*(t.to(device) for t in (logits, cands, parents, zeros, k0, p1, garbage_u)),
+           garbage_q.to(device))
+    b = ref.fused_verify(logits, cands, parents, zeros, k0, p1, torch.zeros(6, 8))
+    assert_same([t.cpu() for t in a], b)
+
+
+def test_python_wrapper_scalars_and_generator(device):
+    gen = torch.Generator().manual_seed(9)
+    logits, cands, parents = make_case(4, 6, 40, gen)
+    d = lambda t: t.to(device)  # noqa: E731
+    g1 = torch.Generator(device=device).manual_seed(1)
+    g2 = torch.Generator(device=device).manual_seed(1)
+    r1 = hx.fused_verify(d(logits), d(cands), d(parents), temperature=0.8, top_k=5, top_p=0.9,
+                         generator=g1)
+    r2 = hx.fused_verify(d(logits), d(cands), d(parents), temperature=torch.tensor(0.8),
+                         top_k=5, top_p=0.9, generator=g2)
+    for a, b in zip(r1, r2):
+        assert torch.equal(a, b)
+    assert isinstance(r1, hx.VerifyResult)
+
+
+def test_out_variant_overwrites_and_handles_strides(device):
+    gen = torch.Generator().manual_seed(13)
+    batch, nodes, vocab = 7, 11, 90
+    logits, cands, parents = make_case(batch, nodes, vocab, gen)
+    temperature, top_k, top_p = params(batch, gen, vocab=vocab)
+    uniforms = torch.rand(batch, nodes, generator=gen)
+    want = ref.fused_verify(logits, cands, parents, temperature, top_k, top_p, uniforms)
+    d = lambda t: t.to(device)  # noqa: E731
+    outs = [torch.full((batch, nodes), 12345, dtype=torch.int64, device=device),
+            torch.full((batch, nodes), -777, dtype=torch.int64, device=device),
+            torch.full((batch,), 999, dtype=torch.int64, device=device)]
+    hx.fused_verify_out(d(logits), d(cands), d(parents), d(temperature), d(top_k), d(top_p),
+                        d(uniforms), None, *outs)
+    assert_same([t.cpu() for t in outs], want)
+    # non-contiguous destinations
+    wide = [torch.full((nodes, batch), 5, dtype=torch.int64, device=device).t(),
+            torch.full((batch, 2 * nodes), 5, dtype=torch.int64, device=device)[:, ::2],
+            torch.full((2 * batch,), 5, dtype=torch.int64, device=device)[::2]]
+    hx.fused_verify_out(d(logits), d(cands), d(parents), d(temperature), d(top_k), d(top_p),
+                        d(uniforms), None, *wide)
+    assert_same([t.cpu() for t in wide], want)
+
+
+def test_empty_batch(device):
+    d = lambda t: t.to(device)  # noqa: E731
+    r = OP(d(torch.zeros(0, 3, 5)), d(torch.zeros(0, 3, dtype=torch.int64)),
+           d(torch.zeros(0, 3, dtype=torch.int64)), d(torch.zeros(0)),
+           d(torch.zeros(0, dtype=torch.int64)), d(torch.ones(0)), d(torch.zeros(0, 3)), None)
+    assert [tuple(t.shape) for t in r] == [(0, 3), (0, 3), (0,)]
+
+
+def test_opcheck(device):
+    gen = torch.Generator().manual_seed(17)
+    batch, nodes, vocab = 3, 6, 33
+    logits, cands, parents = make_case(batch, nodes, vocab, gen)
+    temperature, top_k, top_p = params(batch, gen, vocab=vocab)
+    uniforms = torch.rand(batch, nodes, generator=gen)
+    q = draft_probs_for(logits, gen)
+    args = [t.to(device) for t in (logits, cands, parents, temperature, top_k, top_p, uniforms)]
+    torch.library.opcheck(OP, (*args, None))
+    torch.library.opcheck(OP, (*args, q.to(device)))
+    outs = (torch.empty(batch, nodes, dtype=torch.int64, device=device),
+            torch.empty(batch, nodes, dtype=torch.int64, device=device),
+            torch.empty(batch, dtype=torch.int64, device=device))
+    torch.library.opcheck(OP_OUT, (*args, None, *outs))
+
+
+# ----------------------------------------------------------------------------- invalid input
+
+_SETUP = """
+B, N, V = 2, 4, 10
+logits = torch.randn(B, N, V, device=device)
+cands = torch.tensor([[-1, 3, 4, 5], [-1, 1, 2, 3]], device=device)
+parents = torch.tensor([[-1, 0, 0, 1], [-1, 0, 1, 2]], device=device)
+temperature = torch.ones(B, device=device)
+top_k = torch.zeros(B, dtype=torch.int64, device=device)
+top_p = torch.ones(B, device=device)
+uniforms = torch.rand(B, N, device=device) * 0.5
+draft_probs = None
+OP = torch.ops.heterospec.fused_verify.default
+"""
+_CALL = """
+r = OP(logits, cands, parents, temperature, top_k, top_p, uniforms, draft_probs)
+if device.type == "cuda":  # documented sentinel for the bad request 0; request 1 is fine
+    assert int(r[2][0]) == 0 and bool((r[0][0] == -1).all()) and bool((r[1][0] == -1).all()), r
+    assert int(r[1][1, 0]) == 0, r
+"""
+
+# name -> (statement that spoils request 0, argument the message must name)
+DATA_CASES = {
+    "nan_logits": ("logits[0, 0, 3] = float('nan')", "target_logits"),
+    "posinf_logits": ("logits[0, 0, 1] = float('inf')", "target_logits"),
+    "all_neginf_root_row": ("logits[0, 0] = float('-inf')", "target_logits"),
+    "nan_logits_greedy": ("logits[0, 0, 3] = float('nan'); temperature[0] = 0", "target_logits"),
+    "parent_self": ("parents[0, 2] = 2", "parents"),
+    "parent_forward": ("parents[0, 1] = 3", "parents"),
+    "parent_below_minus_one": ("parents[0, 3] = -2", "parents"),
+    "root_has_parent": ("parents[0, 0] = 0", "parents"),
+    "parent_is_padding": ("parents[0, 1] = -1", "parents"),
+    "candidate_too_large": ("cands[0, 3] = V", "candidates"),
+    "candidate_minus_one_real_node": ("cands[0, 1] = -1", "candidates"),
+    "uniform_one": ("uniforms[0, 2] = 1.0", "uniforms"),
+    "uniform_negative": ("uniforms[0, 0] = -0.25", "uniforms"),
+    "uniform_nan": ("uniforms[0, 3] = float('nan')", "uniforms"),
+    "temperature_negative": ("temperature[0] = -1.0", "temperature"),
+    "temperature_nan": ("temperature[0] = float('nan')", "temperature"),
+    "temperature_inf": ("temperature[0] = float('inf')", "temperature"),
+    "top_p_zero": ("top_p[0] = 0.0", "top_p"),
+    "top_p_above_one": ("top_p[0] = 1.5", "top_p"),
+    "top_p_nan": ("top_p[0] = float('nan')", "top_p"),
+    "draft_probs_negative": (
+        "draft_probs = torch.full((B, N, V), 0.1, device=device); draft_probs[0, 0, 2] = -0.1",
+        "draft_probs"),
+    "draft_probs_nan": (
+        "draft_probs = torch.full((B, N, V), 0.1, device=device); "
+        "draft_probs[0, 0, 5] = float('nan')", "draft_probs"),
+}
+
+SHAPE_CASES = {
+    "logits_2d": ("logits = logits[:, 0]", "target_logits"),
+    "logits_int": ("logits = logits.long()", "target_logits"),
+    "logits_float64": ("logits = logits.double()", "target_logits"),
+    "logits_zero_nodes": ("logits = logits[:, :0]", "target_logits"),
+    "cands_int32": ("cands = cands.int()", "candidates"),
+    "cands_wrong_n": ("cands = cands[:, :3]", "candidates"),
+    "parents_1d": ("parents = parents[0]", "parents"),
+    "parents_wrong_b": ("parents = parents[:1]", "parents"),
+    "temperature_float64": ("temperature = temperature.double()", "temperature"),
+    "temperature_wrong_b": ("temperature = torch.ones(B + 1, device=device)", "temperature"),
+    "top_k_float": ("top_k = top_k.float()", "top_k"),
+    "top_k_2d": ("top_k = top_k[:, None]", "top_k"),
+    "top_p_float64": ("top_p = top_p.double()", "top_p"),
+    "uniforms_wrong_n": ("uniforms = uniforms[:, :2]", "uniforms"),
+    "uniforms_float64": ("uniforms = uniforms.double()", "uniforms"),
+    "draft_probs_bf16": ("draft_probs = torch.rand(B, N, V, device=device).bfloat16()",
+                         "draft_probs"),
+    "draft_probs_wrong_v": ("draft_probs = torch.rand(B, N, V + 1, device=device)",
+                            "draft_probs"),
+    "draft_probs_2d": ("draft_probs = torch.rand(B, N, device=device)", "draft_probs"),
+}
+
+
+def test_invalid_data(device):
+    cases = [(name, _SETUP + stmt + "\n" + _CALL) for name, (stmt, _) in DATA_CASES.items()]
+    results = run_error_cases(cases, device)
+    for name, (_, arg) in DATA_CASES.items():
+        exc, msg = results[name]
+        if device.type == "cuda":
+            assert exc is None, f"{name}: CUDA must write the sentinel, got {exc}: {msg}"
+        else:
+            assert exc == "ValueError", f"{name}: expected ValueError, got {exc}: {msg}"
+            assert arg in msg, f"{name}: message must name {arg}: {msg}"
+
+
+def test_invalid_shapes_and_dtypes(device):
+    cases = [(name, _SETUP + stmt + "\n" + _CALL) for name, (stmt, _) in SHAPE_CASES.items()]
+    expected = dict(SHAPE_CASES)
+    if device.type == "cuda":
+        expected["top_p_on_cpu"] = ("top_p = top_p.cpu()", "top_p")
+        cases.append(("top_p_on_cpu", _SETUP + "top_p = top_p.cpu()\n" + _CALL))
+    results = run_error_cases(cases, device)
+    for name, (_, arg) in expected.items():
+        exc, msg = results[name]
+        assert exc == "RuntimeError", f"{name}: expected RuntimeError, got {exc}: {msg}"
+        assert arg in msg, f"{name}: message must name {arg}: {msg}"
+
+
+def test_invalid_out_buffers(device):
+    out_ok = ("out_tokens = torch.empty(B, N, dtype=torch.int64, device=device)\n"
+              "accepted_nodes = torch.empty(B, N, dtype=torch.int64, device=device)\n"
+              "num_accepted = torch.empty(B, dtype=torch.int64, device=device)\n")
+    call = ("torch.ops.heterospec.fused_verify_out.default(logits, cands, parents, temperature, "
+            "top_k, top_p, uniforms, None, out_tokens, accepted_nodes, num_accepted)\n")
+    bad = {
+        "out_tokens_int32": ("out_tokens = out_tokens.int()", "out_tokens"),
+        "accepted_nodes_wrong_n": ("accepted_nodes = accepted_nodes[:, :2]", "accepted_nodes"),
+        "num_accepted_2d": ("num_accepted = num_accepted[:, None]", "num_accepted"),
+    }
+    results = run_error_cases(
+        [(n, _SETUP + out_ok + s + "\n" + call) for n, (s, _) in bad.items()], device)
+    for name, (_, arg) in bad.items():
+        exc, msg = results[name]
+        assert exc == "RuntimeError" and arg in msg, (name, exc, msg)
