@@ -12,8 +12,40 @@ import torch
 
 
 def draft_topk_entropy(logits: torch.Tensor, k: int, temperature: float = 1.0):
-    """Reference for :func:`heterospec_ext.draft_topk_entropy`."""
-    raise NotImplementedError("draft_topk_entropy reference: owned by the draft_topk_entropy work")
+    """Reference for :func:`heterospec_ext.draft_topk_entropy`.
+
+    ``logits`` ``[N, V]`` (any float dtype) -> ``(topk_logprobs [N, k] f32, topk_ids [N, k] i64,
+    topk_entropy [N] f32, entropy [N] f32, logsumexp [N] f32)``. The logits are divided by the
+    temperature in float32 (as the op does), everything after that is float64. Raises ValueError
+    for an invalid row (all ``-inf``, or a NaN / ``+inf`` after scaling), like the CPU op.
+    """
+    if not 1 <= k <= min(logits.shape[1], 64):
+        raise ValueError(f"k must satisfy 1 <= k <= min(V, 64), got k = {k}")
+    z = (logits.float() / temperature).double()
+    bad = (torch.isnan(z) | (z == float("inf"))).any(dim=1) | (z == float("-inf")).all(dim=1)
+    if bool(bad.any()):
+        row = int(bad.nonzero()[0, 0])
+        raise ValueError(f"logits row {row} is invalid")
+    logsumexp = torch.logsumexp(z, dim=1)
+    logp = z - logsumexp[:, None]
+    p = logp.exp()
+    # 0 * log 0 = 0 for -inf logits.
+    entropy = -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(dim=1)
+
+    # Top-k by (value desc, id asc): a stable sort of the negated values keeps equal values in
+    # ascending id order.
+    order = torch.sort(-z, dim=1, stable=True).indices[:, :k]
+    top_z = torch.gather(z, 1, order)
+    top_logp = torch.log_softmax(top_z, dim=1)
+    top_p = top_logp.exp()
+    topk_entropy = -torch.where(top_p > 0, top_p * top_logp, torch.zeros_like(top_p)).sum(dim=1)
+    return (
+        (top_z - logsumexp[:, None]).float(),
+        order.to(torch.int64),
+        topk_entropy.float(),
+        entropy.float(),
+        logsumexp.float(),
+    )
 
 
 # ----------------------------------------------------------------------------- stratify

@@ -36,9 +36,14 @@ def draft_topk_entropy(logits: torch.Tensor, k: int, temperature: float = 1.0) -
 
     ``-inf`` logits are probability 0 (``0 log 0 = 0``). If a row has fewer than k finite logits,
     the trailing slots hold ``-inf`` log-probs with the lowest remaining ids.
-    A row that is all ``-inf`` or holds a NaN or ``+inf`` is invalid: on CPU the op raises a
-    ``ValueError`` naming ``logits`` and the row; on CUDA (which never syncs to raise) that row's
-    outputs are NaN and its ids ``-1``.
+    A row that is all ``-inf`` or holds a NaN or ``+inf`` (checked on ``z``, so a finite logit that
+    overflows when divided by a small temperature counts as ``+inf``) is invalid: on CPU the op
+    raises a ``ValueError`` naming ``logits`` and the row; on CUDA (which never syncs to raise)
+    that row's outputs are NaN and its ids ``-1``.
+
+    Argument errors: a ``logits`` that is not 2-D or not float32/float16/bfloat16 raises
+    ``RuntimeError``; ``k`` or ``temperature`` out of range raises ``ValueError``. ``V`` must be
+    below ``2**31 - 1``. Results are deterministic (same inputs and device, same bits).
     """
     return DraftTopK(*_OP(logits, k, temperature))
 

@@ -1,0 +1,346 @@
+// CPU kernel of draft_topk_entropy: one pass over each row, rows in parallel.
+//
+// A row is read in L1-sized tiles. Each tile is converted and scaled once into
+// a float buffer, then (1) its max and NaN/+inf flag are taken, (2) it is
+// scanned for top-k candidates only if its max can beat the current k-th
+// entry, and (3) exp(z - m) and exp(z - m) * (z - m) are summed in float lanes
+// with a vectorisable exp, then folded into the row's double-precision
+// core::EntropyState (which rescales when the running max grows).
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "core/draft_topk_entropy.h"
+#include "draft_topk_entropy_checks.h"
+
+// Every function taking vector types is internal, so their ABI never crosses
+// a translation unit.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace heterospec {
+namespace {
+
+using core::EntropyState;
+using core::TopKEntry;
+
+#define HX_CPU_ALWAYS_INLINE inline __attribute__((always_inline))
+
+// GCC/Clang vector extensions of `Lanes` floats. The kernel is instantiated
+// with 4 lanes (one SSE2 / NEON register, the portable baseline) and, on
+// x86-64 CPUs with AVX2 + FMA, with 8 lanes inside a target("avx2,fma")
+// function chosen at run time; the always_inline helpers below are compiled
+// into whichever of the two calls them.
+template <int Lanes>
+struct VecTypes;
+template <>
+struct VecTypes<4> {
+  typedef float F __attribute__((vector_size(16)));
+  typedef int32_t I __attribute__((vector_size(16)));
+};
+template <>
+struct VecTypes<8> {
+  typedef float F __attribute__((vector_size(32)));
+  typedef int32_t I __attribute__((vector_size(32)));
+};
+
+template <int Lanes>
+struct Simd {
+  using F = typename VecTypes<Lanes>::F;
+  using I = typename VecTypes<Lanes>::I;
+
+  static HX_CPU_ALWAYS_INLINE F splat(float x) { return F{} + x; }
+
+  static HX_CPU_ALWAYS_INLINE F load(const float* p) {
+    F v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+
+  // exp(d) for d <= 0 (d may be -inf), Cephes-style: d = n ln2 + r with
+  // |r| <= ln2/2, exp(r) by a degree-7 polynomial, 2^n through the exponent
+  // bits; about 1 ulp. Inputs below -87 (exp < 1.7e-38, -inf included) give
+  // 0, and `clamped` receives max(d, -87) so e * clamped is never 0 * inf.
+  static HX_CPU_ALWAYS_INLINE F exp_nonpositive(F d, F* clamped) {
+    const F lowest = splat(-87.0f);
+    const I underflow = d < lowest;
+    const F x = underflow ? lowest : d;
+    *clamped = x;
+    // Round x * log2(e) to the nearest integer with the 1.5 * 2^23 trick.
+    const F magic = splat(12582912.0f);
+    const F n = (x * splat(1.44269504088896341f) + magic) - magic;
+    F r = x - n * splat(0.693359375f);
+    r = r - n * splat(-2.12194440e-4f);
+    const F r2 = r * r;
+    F p = splat(1.9875691500e-4f);
+    p = p * r + splat(1.3981999507e-3f);
+    p = p * r + splat(8.3334519073e-3f);
+    p = p * r + splat(4.1665795894e-2f);
+    p = p * r + splat(1.6666665459e-1f);
+    p = p * r + splat(5.0000001201e-1f);
+    p = p * r2 + r + splat(1.0f);
+    const I exponent = (__builtin_convertvector(n, I) + 127) << 23;
+    const F result = p * reinterpret_cast<F>(exponent);
+    return underflow ? splat(0.0f) : result;
+  }
+
+  static HX_CPU_ALWAYS_INLINE double horizontal_sum(F v) {
+    double s = 0.0;
+    for (int i = 0; i < Lanes; ++i) s += static_cast<double>(v[i]);
+    return s;
+  }
+
+  static HX_CPU_ALWAYS_INLINE float horizontal_max(F v) {
+    float m = v[0];
+    for (int i = 1; i < Lanes; ++i) m = v[i] > m ? v[i] : m;
+    return m;
+  }
+
+  static HX_CPU_ALWAYS_INLINE bool any(I v) {
+    bool a = false;
+    for (int i = 0; i < Lanes; ++i) a = a || v[i] != 0;
+    return a;
+  }
+};
+
+// Elements per tile: the float buffer (4 KiB) stays in L1 between the passes.
+constexpr int64_t kTile = 1024;
+constexpr int kMaxLanes = 8;
+static_assert(kTile % kMaxLanes == 0, "a tile must hold whole vectors");
+
+// Reads row[begin, begin + len) divided by the temperature into tile[0, len),
+// padded up to whole vectors with -inf (probability 0, and never a top-k
+// candidate because the candidate scan stops at len).
+template <typename scalar_t, int Lanes>
+HX_CPU_ALWAYS_INLINE void load_tile(const scalar_t* row, int64_t col_stride, int64_t begin,
+                                    int64_t len, float temperature, float* tile) {
+  if (col_stride == 1) {
+    const scalar_t* src = row + begin;
+    for (int64_t i = 0; i < len; ++i) tile[i] = static_cast<float>(src[i]) / temperature;
+  } else {
+    const scalar_t* src = row + begin * col_stride;
+    for (int64_t i = 0; i < len; ++i) {
+      tile[i] = static_cast<float>(src[i * col_stride]) / temperature;
+    }
+  }
+  const int64_t padded = (len + Lanes - 1) / Lanes * Lanes;
+  for (int64_t i = len; i < padded; ++i) tile[i] = -std::numeric_limits<float>::infinity();
+}
+
+// One row: fills list[0, k) (sorted, ties to the lowest id) and returns the
+// row's entropy state (invalid on the first NaN / +inf tile).
+template <typename scalar_t, int Lanes>
+HX_CPU_ALWAYS_INLINE EntropyState<double> process_row_impl(const scalar_t* row, int64_t vocab,
+                                                           int64_t col_stride, float temperature,
+                                                           int k, TopKEntry* list, float* tile) {
+  using V = Simd<Lanes>;
+  using F = typename V::F;
+  using I = typename V::I;
+  EntropyState<double> state = EntropyState<double>::empty();
+  for (int i = 0; i < k; ++i) list[i] = core::topk_pad();
+  const F finite_max = V::splat(std::numeric_limits<float>::max());
+
+  for (int64_t begin = 0; begin < vocab; begin += kTile) {
+    const int64_t len = std::min(kTile, vocab - begin);
+    const int64_t padded = (len + Lanes - 1) / Lanes * Lanes;
+    load_tile<scalar_t, Lanes>(row, col_stride, begin, len, temperature, tile);
+
+    // Pass 1: tile max, and NaN / +inf detection (!(z <= FLT_MAX)).
+    F vmax = V::splat(-std::numeric_limits<float>::infinity());
+    I bad = I{};
+    for (int64_t i = 0; i < padded; i += Lanes) {
+      const F z = V::load(tile + i);
+      vmax = z > vmax ? z : vmax;
+      bad |= ~(z <= finite_max);
+    }
+    if (V::any(bad)) {
+      state.invalid = true;
+      return state;
+    }
+    const float tile_max = V::horizontal_max(vmax);
+
+    // Pass 2: top-k candidates, only when the tile can change the list. Ids
+    // grow along the row, so a value equal to a real k-th entry can never
+    // displace it, while a padding k-th slot takes anything (-inf included).
+    if (tile_max > list[k - 1].value || list[k - 1].id == core::kTopKPadId) {
+      for (int64_t i = 0; i < len; ++i) {
+        const float z = tile[i];
+        if (z > list[k - 1].value || list[k - 1].id == core::kTopKPadId) {
+          core::topk_insert(list, k, TopKEntry{z, static_cast<int32_t>(begin + i)});
+        }
+      }
+    }
+
+    // Pass 3: softmax sums relative to the running max, in float lanes per
+    // tile and in double across tiles.
+    if (tile_max == -std::numeric_limits<float>::infinity()) continue;
+    state.rescale_to(static_cast<double>(tile_max));
+    const F m = V::splat(static_cast<float>(state.max));
+    F sum = F{};
+    F shifted = F{};
+    for (int64_t i = 0; i < padded; i += Lanes) {
+      F d_clamped;
+      const F e = V::exp_nonpositive(V::load(tile + i) - m, &d_clamped);
+      sum += e;
+      shifted += e * d_clamped;
+    }
+    state.sum += V::horizontal_sum(sum);
+    state.shifted += V::horizontal_sum(shifted);
+  }
+  return state;
+}
+
+template <typename scalar_t>
+EntropyState<double> process_row_portable(const scalar_t* row, int64_t vocab,
+                                          int64_t col_stride, float temperature, int k,
+                                          TopKEntry* list, float* tile) {
+  return process_row_impl<scalar_t, 4>(row, vocab, col_stride, temperature, k, list, tile);
+}
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HX_TOPK_HAVE_AVX2_PATH 1
+template <typename scalar_t>
+__attribute__((target("avx2,fma"))) EntropyState<double> process_row_avx2(
+    const scalar_t* row, int64_t vocab, int64_t col_stride, float temperature, int k,
+    TopKEntry* list, float* tile) {
+  return process_row_impl<scalar_t, 8>(row, vocab, col_stride, temperature, k, list, tile);
+}
+
+// HETEROSPEC_CPU_PORTABLE=1 forces the 4-lane path so tests can cover it on
+// AVX2 machines.
+bool use_avx2_path() {
+  static const bool use = [] {
+    const char* force = std::getenv("HETEROSPEC_CPU_PORTABLE");
+    if (force != nullptr && force[0] != '\0' && force[0] != '0') return false;
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  }();
+  return use;
+}
+#endif
+
+enum class RowStatus : uint8_t { kOk = 0, kNonFinite = 1, kAllNegInf = 2 };
+
+struct Outputs {
+  float* topk_logprobs;
+  int64_t* topk_ids;
+  float* topk_entropy;
+  float* entropy;
+  float* logsumexp;
+};
+
+template <typename scalar_t>
+void run_rows(const at::Tensor& logits, int k, float temperature, const Outputs& out,
+              std::vector<RowStatus>& status) {
+  const int64_t rows = logits.size(0);
+  const int64_t vocab = logits.size(1);
+  const int64_t row_stride = logits.stride(0);
+  const int64_t col_stride = logits.stride(1);
+  const scalar_t* base = logits.const_data_ptr<scalar_t>();
+  // Aim for >= ~64k elements per task so small-V batches are not all overhead.
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / std::max<int64_t>(vocab, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t row_begin, int64_t row_end) {
+    alignas(64) float tile[kTile];
+    TopKEntry list[core::kMaxTopK];
+    for (int64_t r = row_begin; r < row_end; ++r) {
+      const scalar_t* row = base + r * row_stride;
+#ifdef HX_TOPK_HAVE_AVX2_PATH
+      const EntropyState<double> state =
+          use_avx2_path()
+              ? process_row_avx2(row, vocab, col_stride, temperature, k, list, tile)
+              : process_row_portable(row, vocab, col_stride, temperature, k, list, tile);
+#else
+      const EntropyState<double> state =
+          process_row_portable(row, vocab, col_stride, temperature, k, list, tile);
+#endif
+      if (!state.valid()) {
+        status[r] = state.invalid ? RowStatus::kNonFinite : RowStatus::kAllNegInf;
+        continue;
+      }
+      const double lse = state.logsumexp();
+      out.logsumexp[r] = static_cast<float>(lse);
+      out.entropy[r] = static_cast<float>(state.entropy());
+      out.topk_entropy[r] = static_cast<float>(core::topk_renormalised_entropy<double>(list, k));
+      for (int i = 0; i < k; ++i) {
+        out.topk_logprobs[r * k + i] = static_cast<float>(static_cast<double>(list[i].value) - lse);
+        out.topk_ids[r * k + i] = list[i].id;
+      }
+    }
+  });
+}
+
+void draft_topk_entropy_out_cpu(const at::Tensor& logits, int64_t k, double temperature,
+                                at::Tensor& topk_logprobs, at::Tensor& topk_ids,
+                                at::Tensor& topk_entropy, at::Tensor& entropy,
+                                at::Tensor& logsumexp) {
+  const float temperature_f = check_draft_topk_entropy_args(logits, k, temperature);
+  TORCH_CHECK(logits.device().is_cpu(), "logits must be a CPU tensor, got ", logits.device());
+  check_draft_topk_entropy_outs(logits, k, topk_logprobs, topk_ids, topk_entropy, entropy,
+                                logsumexp);
+  const int64_t rows = logits.size(0);
+  if (rows == 0) return;
+  const Outputs out{topk_logprobs.data_ptr<float>(), topk_ids.data_ptr<int64_t>(),
+                    topk_entropy.data_ptr<float>(), entropy.data_ptr<float>(),
+                    logsumexp.data_ptr<float>()};
+  std::vector<RowStatus> status(rows, RowStatus::kOk);
+  const int k_int = static_cast<int>(k);
+  switch (logits.scalar_type()) {
+    case at::kFloat:
+      run_rows<float>(logits, k_int, temperature_f, out, status);
+      break;
+    case at::kHalf:
+      run_rows<c10::Half>(logits, k_int, temperature_f, out, status);
+      break;
+    case at::kBFloat16:
+      run_rows<c10::BFloat16>(logits, k_int, temperature_f, out, status);
+      break;
+    default:
+      TORCH_CHECK(false, "logits must be float32, float16 or bfloat16, got ",
+                  logits.scalar_type());
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    HX_CHECK_VALUE(status[r] == RowStatus::kOk, "logits row ", r, " is invalid: it ",
+                   status[r] == RowStatus::kNonFinite
+                       ? "holds a NaN or +inf (after dividing by the temperature)"
+                       : "has no finite value (all -inf)");
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> draft_topk_entropy_cpu(
+    const at::Tensor& logits, int64_t k, double temperature) {
+  check_draft_topk_entropy_args(logits, k, temperature);
+  const int64_t rows = logits.size(0);
+  const auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor topk_logprobs = at::empty({rows, k}, f32);
+  at::Tensor topk_ids = at::empty({rows, k}, logits.options().dtype(at::kLong));
+  at::Tensor topk_entropy = at::empty({rows}, f32);
+  at::Tensor entropy = at::empty({rows}, f32);
+  at::Tensor logsumexp = at::empty({rows}, f32);
+  draft_topk_entropy_out_cpu(logits, k, temperature, topk_logprobs, topk_ids, topk_entropy,
+                             entropy, logsumexp);
+  return {topk_logprobs, topk_ids, topk_entropy, entropy, logsumexp};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(heterospec, CPU, m) {
+  m.impl("draft_topk_entropy", &draft_topk_entropy_cpu);
+  m.impl("draft_topk_entropy_out",
+         [](const at::Tensor& logits, int64_t k, double temperature, at::Tensor topk_logprobs,
+            at::Tensor topk_ids, at::Tensor topk_entropy, at::Tensor entropy,
+            at::Tensor logsumexp) {
+           draft_topk_entropy_out_cpu(logits, k, temperature, topk_logprobs, topk_ids,
+                                      topk_entropy, entropy, logsumexp);
+         });
+}
+
+}  // namespace heterospec

@@ -1,0 +1,67 @@
+// Argument checks of draft_topk_entropy shared by the CPU and CUDA bindings.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include "check.h"
+#include "core/macros.h"
+
+namespace heterospec {
+
+// Checks logits, k and temperature; returns the temperature as the float32
+// that every backend divides by.
+inline float check_draft_topk_entropy_args(const at::Tensor& logits, int64_t k,
+                                           double temperature) {
+  HX_CHECK_DIM(logits, 2);
+  HX_CHECK_LOGIT_DTYPE(logits);
+  const int64_t vocab = logits.size(1);
+  // Token ids travel as int32 inside the kernels; INT32_MAX is the padding id.
+  TORCH_CHECK(vocab < std::numeric_limits<int32_t>::max(),
+              "logits.size(1) (the vocabulary) must be < 2^31 - 1, got ", vocab);
+  TORCH_CHECK_VALUE(k >= 1 && k <= core::kMaxTopK && k <= vocab,
+                    "k must satisfy 1 <= k <= min(V, ", core::kMaxTopK,
+                    ") with V = logits.size(1) = ", vocab, ", got k = ", k);
+  const float temperature_f = static_cast<float>(temperature);
+  TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature_f > 0.0f &&
+                        std::isfinite(temperature_f),
+                    "temperature must be a finite number > 0 (also as float32), got ",
+                    temperature);
+  return temperature_f;
+}
+
+inline void check_draft_topk_entropy_out(const at::Tensor& out, const char* name,
+                                         const at::Tensor& logits,
+                                         at::IntArrayRef expected_shape,
+                                         at::ScalarType expected_dtype) {
+  TORCH_CHECK(out.sizes() == expected_shape, name, " must have shape ", expected_shape,
+              ", got ", out.sizes());
+  TORCH_CHECK(out.scalar_type() == expected_dtype, name, " must have dtype ",
+              expected_dtype, ", got ", out.scalar_type());
+  TORCH_CHECK(out.device() == logits.device(), name,
+              " must be on the same device as logits (", logits.device(), "), got ",
+              out.device());
+  TORCH_CHECK(out.is_contiguous(), name, " must be contiguous");
+}
+
+// Checks the five preallocated outputs of draft_topk_entropy_out.
+inline void check_draft_topk_entropy_outs(const at::Tensor& logits, int64_t k,
+                                          const at::Tensor& topk_logprobs,
+                                          const at::Tensor& topk_ids,
+                                          const at::Tensor& topk_entropy,
+                                          const at::Tensor& entropy,
+                                          const at::Tensor& logsumexp) {
+  const int64_t rows = logits.size(0);
+  check_draft_topk_entropy_out(topk_logprobs, "topk_logprobs", logits, {rows, k},
+                               at::kFloat);
+  check_draft_topk_entropy_out(topk_ids, "topk_ids", logits, {rows, k}, at::kLong);
+  check_draft_topk_entropy_out(topk_entropy, "topk_entropy", logits, {rows}, at::kFloat);
+  check_draft_topk_entropy_out(entropy, "entropy", logits, {rows}, at::kFloat);
+  check_draft_topk_entropy_out(logsumexp, "logsumexp", logits, {rows}, at::kFloat);
+}
+
+}  // namespace heterospec
