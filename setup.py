@@ -8,6 +8,7 @@ Environment:
     HX_BUILD=auto|cpu|cuda   auto (default): CUDA when torch is a CUDA build and CUDA_HOME is found
     TORCH_CUDA_ARCH_LIST     default "8.0;9.0" (sm_80, sm_90); never derived from a visible GPU
     HX_DEBUG=1               -O0 -g instead of -O3 -g0
+    HX_PTXAS_VERBOSE=1       print ptxas resource usage (registers, spills) of every kernel
 """
 import glob
 import os
@@ -77,6 +78,8 @@ def _extension():
         # Explicit -gencode flags: torch then adds none of its own, so the
         # arch list never depends on a visible GPU.
         nvcc = ["-O3", "-lineinfo", "-std=c++20", "--expt-relaxed-constexpr"] + gencode
+        if os.environ.get("HX_PTXAS_VERBOSE", "0") == "1":
+            nvcc.append("-Xptxas=-v")  # register / shared-memory / spill report per kernel
         return cpp_extension.CUDAExtension(
             name="heterospec_ext._C",
             sources=sources,

@@ -23,11 +23,11 @@ $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cu
 
 step "build (HX_BUILD=cuda, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST)"
 start=$(date +%s)
-if ! HX_BUILD=cuda timeout 170 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
+if ! HX_BUILD=cuda HX_PTXAS_VERBOSE=1 timeout 170 $PY setup.py build_ext --inplace > "$OUT/build.log" 2>&1; then
   tail -40 "$OUT/build.log"; echo "BUILD FAILED" | tee -a "$LOG"; exit 1
 fi
 echo "built in $(( $(date +%s) - start )) s" | tee -a "$LOG"
-grep -E "registers|smem" "$OUT/build.log" | head -40 >> "$LOG" || true
+grep -E "Compiling entry|registers|spill" "$OUT/build.log" > "$OUT/ptxas.log" || true
 $PY -c "import heterospec_ext as hx; print(hx.build_info())" 2>&1 | tee -a "$LOG"
 
 step "pytest (cpu + cuda)"
