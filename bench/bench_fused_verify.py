@@ -163,4 +163,18 @@ def gpu_cases(device) -> list:
                         "composition": (lambda x=inp, f=comp: f(x)),
                         "bytes": batch * (DEPTH + 1) * vocab * inp["logits"].element_size(),
                     })
+    # Which filter costs what: the same sampling inputs with top-k / top-p switched off.
+    for top_k, top_p, label in ((0, 1.0, "no filter"), (TOP_K, 1.0, "top-k only"),
+                                (0, TOP_P, "top-p only")):
+        for batch in (1, 64):
+            inp = make_inputs(batch, 128256, torch.bfloat16, device, sampling=True)
+            inp = dict(inp, top_k=torch.full_like(inp["top_k"], top_k),
+                       top_p=torch.full_like(inp["top_p"], top_p))
+            cases.append({
+                "name": f"fused_verify sampling {label} B={batch} V=128256 bfloat16",
+                "fused": (lambda x=inp: fused(x)),
+                "composition": (lambda x=inp: sampling_composition(
+                    x, top_k=max(x["top_k"][0].item(), 1) if top_k else 128256, top_p=top_p)),
+                "bytes": batch * (DEPTH + 1) * 128256 * 2,
+            })
     return cases
