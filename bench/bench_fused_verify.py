@@ -173,8 +173,8 @@ def gpu_cases(device) -> list:
             cases.append({
                 "name": f"fused_verify sampling {label} B={batch} V=128256 bfloat16",
                 "fused": (lambda x=inp: fused(x)),
-                "composition": (lambda x=inp: sampling_composition(
-                    x, top_k=max(x["top_k"][0].item(), 1) if top_k else 128256, top_p=top_p)),
+                "composition": (lambda x=inp, k=top_k or 128256, p=top_p: sampling_composition(
+                    x, top_k=k, top_p=p)),
                 "bytes": batch * (DEPTH + 1) * 128256 * 2,
             })
     return cases
