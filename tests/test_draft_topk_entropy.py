@@ -88,7 +88,7 @@ def test_neg_inf_entries(device, dtype):
     logits = logits.masked_fill(mask, float("-inf"))
     # Row 0: only three finite values, so 7 top-k slots are -inf with the lowest -inf ids.
     logits[0] = float("-inf")
-    logits[0, [2999, 5, 1000]] = torch.tensor([1.0, 3.0, 2.0], dtype=dtype)
+    logits[0, [2999, 5, 1000]] = torch.tensor([1.0, 3.0, 2.0], dtype=dtype, device=device)
     # Row 1: a single finite value: entropy 0, logsumexp = that value.
     logits[1] = float("-inf")
     logits[1, 77] = 2.5

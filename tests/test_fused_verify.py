@@ -236,7 +236,9 @@ def test_top_k_and_top_p_boundary_ties_kept(device):
     """Root-only trees, final draw swept over u0: the support of the emitted token is exactly the
     kept set, boundary ties included."""
     rows = 1000
-    u0 = (torch.arange(rows, dtype=torch.float64) / rows).float().unsqueeze(1)
+    # Half-step grid: these probabilities put CDF boundaries on multiples of 1/1000 (e.g.
+    # 0.5 / 0.8 = 0.625), where the contract lets float summation order flip a draw.
+    u0 = ((torch.arange(rows, dtype=torch.float64) + 0.5) / rows).float().unsqueeze(1)
     parents = torch.full((rows, 1), -1, dtype=torch.int64)
     cands = torch.full((rows, 1), -1, dtype=torch.int64)
 
