@@ -40,7 +40,15 @@ grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3 | tee -a "$LOG"
 if [ $rc -ne 0 ]; then
   echo "PYTEST rc=$rc" | tee -a "$LOG"; status=1
   grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | cut -c1-300 | head -60
+  grep -E "^E +case |Fatal Python error|File \"<string>\"" "$OUT/pytest.log" | head -30
 fi
+
+step "error-case tests in-process (diagnoses children that die on their own)"
+HX_ERROR_CASES_INPROCESS=1 timeout 60 $PY -m pytest -p no:cacheprovider -n 4 tests \
+  -k "cuda and (error or bad or invalid)" --ignore-glob="tests/test_driver*" -q -rfE --tb=short \
+  -p no:benchmark > "$OUT/pytest_inprocess.log" 2>&1
+grep -E "passed|failed|error" "$OUT/pytest_inprocess.log" | tail -2 | tee -a "$LOG"
+grep -E "^(FAILED|ERROR)" "$OUT/pytest_inprocess.log" | cut -c1-300 | head -20
 
 step "compute-sanitizer memcheck"
 if command -v compute-sanitizer >/dev/null; then
