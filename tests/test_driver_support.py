@@ -19,6 +19,25 @@ def test_driver_runs_on_the_compiled_kernels():
     assert all(has_cpu_kernel(op) for op in OPS)
 
 
+def _processed_probs(z_row, temperature, top_k, top_p):
+    """The fused_verify contract's target processing of one row, in float64, written
+    independently of heterospec_ext.reference for the driver's distribution tests."""
+    z = z_row.double() / temperature
+    v = z.numel()
+    if 0 < top_k < v:
+        kth = torch.topk(z, top_k).values[-1]
+        z = torch.where(z >= kth, z, torch.full_like(z, -math.inf))
+    p = torch.softmax(z, dim=-1)
+    if top_p < 1.0:
+        sp = torch.sort(p, descending=True).values
+        cum = torch.cumsum(sp, 0)
+        idx = int(torch.searchsorted(cum, torch.tensor(top_p, dtype=cum.dtype)))
+        idx = min(idx, v - 1)
+        cut = sp[idx]
+        p = torch.where(p >= cut, p, torch.zeros_like(p))
+    return p / p.sum()
+
+
 # ----------------------------------------------------------------------------- models
 
 try:
