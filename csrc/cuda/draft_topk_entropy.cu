@@ -9,12 +9,13 @@
 //    row's CTAs (workspace), always in a fixed order, so results are
 //    deterministic.
 //  * Top-k: each warp keeps one sorted list of up to 64 entries spread over
-//    its lanes (SLOTS entries per lane, position = slot * 32 + lane). Lanes
-//    propose elements that rank before the list's k-th entry (ballot); they
-//    are inserted one at a time with shuffles, so the k-th entry (the
-//    threshold) rises quickly and most elements cost one comparison. The 8
-//    warp lists are merged with a bitonic sort in shared memory, and the
-//    splits' lists the same way by the row's last CTA.
+//    its lanes (SLOTS entries per lane, position = slot * 32 + lane). Each
+//    thread compares every element of its batch once against a threshold
+//    (the largest k-th value of the CTA's warp lists, read from shared
+//    memory); only when some lane has an element at or above it does the
+//    warp ballot element by element and insert (shuffles) the ones that rank
+//    before its k-th entry. The warps' top-k lists, and the splits' lists in
+//    the row's last CTA, are merged by rank (binary searches), not sorted.
 //  * When a row is split, every CTA writes its partial state and top-k list to
 //    the workspace, takes a ticket from the row's counter (zeroed by the
 //    caller), and the CTA that takes the last ticket merges and writes the
@@ -38,13 +39,12 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kMaxSplits = 32;
+// Register cap (65536 / (256 * 3) -> 80 per thread) so three CTAs fit an SM.
+constexpr int kMinBlocksPerSm = 3;
 // Each CTA of a split row reads at least this many logits, so the per-CTA
 // merge work stays small next to the reads.
 constexpr int64_t kMinChunk = 4096;
-// Vectors each thread loads before using them (bytes in flight per thread:
-// 16 * kUnroll).
-constexpr int kUnroll = 4;
-// Shared top-k buffer: the largest bitonic merge is kMaxSplits lists of 64.
+// Shared top-k buffer: the largest merge is kMaxSplits lists of 64.
 constexpr int kMergeCapacity = kMaxSplits * static_cast<int>(core::kMaxTopK);
 static_assert(kWarps * core::kMaxTopK <= kMergeCapacity, "CTA merge must fit");
 
@@ -58,8 +58,10 @@ struct Scaler {
   float temperature;
   float reciprocal;
   bool exact_reciprocal;
-  __device__ __forceinline__ float operator()(float x) const {
-    return exact_reciprocal ? x * reciprocal : __fdiv_rn(x, temperature);
+  // kDivide == !exact_reciprocal, chosen once per launch (no per-element branch).
+  template <bool kDivide>
+  __device__ __forceinline__ float apply(float x) const {
+    return kDivide ? __fdiv_rn(x, temperature) : x * reciprocal;
   }
 };
 
@@ -154,64 +156,149 @@ __device__ __forceinline__ void offer(WarpTopK<SLOTS>& list, float z, int32_t id
 
 // ------------------------------------------------------------ per-element work
 
-template <int N, int SLOTS>
-__device__ __forceinline__ void consume(const float (&z)[N], int64_t first_id, bool has,
-                                        EntropyState<float>& state, WarpTopK<SLOTS>& list,
-                                        int lane, int k) {
-  if (has) {
-    float group_max = -INFINITY;
-    bool bad = false;
+// 2^x with the MUFU unit (flushes denormal inputs / results to 0, which is
+// far below the rounding of a sum that is >= 1).
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kFloatMax = 3.402823466e38f;
+
+// Descending sort of one float per lane (no NaN) over the warp; returns the
+// value at lane `rank` of the sorted order.
+__device__ __forceinline__ float warp_kth_largest(float v, int lane, int rank) {
 #pragma unroll
-    for (int j = 0; j < N; ++j) {
-      bad = bad || EntropyState<float>::is_bad(z[j]);
-      group_max = fmaxf(group_max, z[j]);
-    }
-    state.invalid = state.invalid || bad;
-    state.rescale_to(group_max);
-    if (state.max != -INFINITY) {
+  for (int size = 2; size <= 32; size <<= 1) {
 #pragma unroll
-      for (int j = 0; j < N; ++j) {
-        const float d = z[j] - state.max;
-        state.add_shifted(d, __expf(d));
-      }
+    for (int stride = size >> 1; stride > 0; stride >>= 1) {
+      const float other = __shfl_xor_sync(kFullMask, v, stride);
+      const bool lower = (lane & stride) == 0;
+      const bool descending = (lane & size) == 0;
+      v = (lower == descending) ? fmaxf(v, other) : fminf(v, other);
     }
   }
+  return __shfl_sync(kFullMask, v, rank);
+}
+
+// One batch of a thread's elements: z[u][j] has id first_id[u] + j when
+// has[u]; elements of vectors without data are -inf (they add nothing to the
+// statistics) and are never offered to the top-k list. Warp-uniform call.
+//  * Statistics: one max over the batch, at most one rescale, then per element
+//    d = z - max (clamped so a -inf value adds exactly 0 instead of 0 * inf),
+//    e = 2^(d log2 e), sum += e, shifted += e * d.
+//  * Top-k: one compare per element against a threshold t (a value no larger
+//    than some list's k-th value, so an element below t cannot be in the
+//    CTA's top-k); only if some lane has an element >= t does the warp take
+//    the exact per-element path.
+//  * `first`: the warp's first vector batch; its threshold also uses the k-th
+//    largest of the 32 lane maxima (k <= 32), so the empty list does not make
+//    every element of the batch a candidate.
+template <int U, int W, bool kAllValid, int SLOTS>
+__device__ __forceinline__ void process_batch(const float (&z)[U][W], const int32_t (&first_id)[U],
+                                              const bool (&has)[U], bool first,
+                                              EntropyState<float>& state, WarpTopK<SLOTS>& list,
+                                              volatile float* s_warp_kth, int lane, int warp,
+                                              int k) {
+  float batch_max = -INFINITY;
+  bool bad = false;
 #pragma unroll
-  for (int j = 0; j < N; ++j) {
-    offer(list, z[j], static_cast<int32_t>(first_id + j), has, lane, k);
+  for (int u = 0; u < U; ++u) {
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      batch_max = fmaxf(batch_max, z[u][j]);
+      bad = bad || !(z[u][j] <= kFloatMax);
+    }
+  }
+  state.invalid = state.invalid || bad;
+  if (batch_max > state.max) state.rescale_to(batch_max);
+  const float row_max = state.max;
+  float sum = state.sum;
+  float shifted = state.shifted;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+#pragma unroll
+    for (int j = 0; j < W; ++j) {
+      // NaN (max still -inf, or a NaN logit) and -inf both clamp to the
+      // lowest finite value, whose exp is exactly 0 and adds exactly 0.
+      const float d = fmaxf(z[u][j] - row_max, -kFloatMax);
+      const float e = fast_exp2(d * kLog2e);
+      sum += e;
+      shifted = fmaf(e, d, shifted);
+    }
+  }
+  state.sum = sum;
+  state.shifted = shifted;
+
+  float threshold = list.kth_value;
+#pragma unroll
+  for (int w = 0; w < kWarps; ++w) threshold = fmaxf(threshold, s_warp_kth[w]);
+  if (SLOTS == 1 && first) {
+    // Lanes without a finite maximum count as -inf (NaN never ranks).
+    const float lane_max = batch_max == batch_max ? batch_max : -INFINITY;
+    threshold = fmaxf(threshold, warp_kth_largest(lane_max, lane, k - 1));
+  }
+  bool maybe = false;
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+#pragma unroll
+    for (int j = 0; j < W; ++j) maybe = maybe || z[u][j] >= threshold;
+  }
+  if (__any_sync(kFullMask, maybe)) {
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+#pragma unroll
+      for (int j = 0; j < W; ++j) {
+        offer(list, z[u][j], first_id[u] + j, (kAllValid || has[u]) && z[u][j] >= threshold,
+              lane, k);
+      }
+    }
+    if (lane == 0) s_warp_kth[warp] = list.kth_value;
   }
 }
 
 template <typename T>
 struct VecLoad {
   static constexpr int kWidth = 16 / sizeof(T);
-  __device__ __forceinline__ static void load(const T* p, const Scaler& scale,
-                                              float (&z)[kWidth]) {
-    const uint4 raw = __ldg(reinterpret_cast<const uint4*>(p));
+  __device__ __forceinline__ static uint4 load(const T* p) {
+    return __ldg(reinterpret_cast<const uint4*>(p));
+  }
+  template <bool kDivide>
+  __device__ __forceinline__ static void convert(const uint4& raw, const Scaler& scale,
+                                                 float (&z)[kWidth]) {
     const T* elems = reinterpret_cast<const T*>(&raw);
 #pragma unroll
-    for (int j = 0; j < kWidth; ++j) z[j] = scale(to_float(elems[j]));
+    for (int j = 0; j < kWidth; ++j) z[j] = scale.apply<kDivide>(to_float(elems[j]));
   }
 };
 
 // Processes row[begin, end) of one row with all threads of the CTA.
-template <typename T, int SLOTS>
+template <typename T, bool kDivide, int SLOTS>
 __device__ __forceinline__ void scan_chunk(const T* row, int64_t col_stride, int64_t begin,
                                            int64_t end, const Scaler& scale,
                                            EntropyState<float>& state, WarpTopK<SLOTS>& list,
-                                           int k) {
+                                           volatile float* s_warp_kth, int k) {
   const int tid = threadIdx.x;
   const int lane = tid & 31;
+  const int warp = tid >> 5;
   constexpr int W = VecLoad<T>::kWidth;
+  // Vectors per thread per batch: 64 bytes in flight per thread before any
+  // is used (32 16-bit or 16 fp32 elements; more fp32 ones spill at the
+  // register cap).
+  constexpr int U = 4;
 
   // Scalar rounds over [from, to): one element per thread per round.
   auto scalar_range = [&](int64_t from, int64_t to, int64_t stride) {
     for (int64_t base = from; base < to; base += kThreads) {
       const int64_t c = base + tid;
-      const bool has = c < to;
-      float z[1] = {0.0f};
-      if (has) z[0] = scale(to_float(row[c * stride]));
-      consume<1>(z, c, has, state, list, lane, k);
+      bool has[1] = {c < to};
+      float z[1][1] = {{-INFINITY}};
+      if (has[0]) z[0][0] = scale.apply<kDivide>(to_float(row[c * stride]));
+      const int32_t id[1] = {static_cast<int32_t>(c)};
+      process_batch<1, 1, false, SLOTS>(z, id, has, false, state, list, s_warp_kth, lane, warp,
+                                        k);
     }
   };
 
@@ -227,25 +314,37 @@ __device__ __forceinline__ void scan_chunk(const T* row, int64_t col_stride, int
   const int64_t body_begin = begin + head;
   const int64_t num_vecs = (end - body_begin) / W;
   const T* body = row + body_begin;
-  for (int64_t base = 0; base < num_vecs; base += static_cast<int64_t>(kThreads) * kUnroll) {
-    float z[kUnroll][W];
-    bool has[kUnroll];
+  bool first = true;
+  for (int64_t base = 0; base < num_vecs; base += static_cast<int64_t>(kThreads) * U) {
+    const bool full = base + static_cast<int64_t>(kThreads) * U <= num_vecs;  // CTA-uniform
+    uint4 raw[U];
+    bool has[U];
+    int32_t first_id[U];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
+    for (int u = 0; u < U; ++u) {
       const int64_t v = base + static_cast<int64_t>(u) * kThreads + tid;
-      has[u] = v < num_vecs;
+      has[u] = full || v < num_vecs;
+      first_id[u] = static_cast<int32_t>(body_begin + v * W);
+      if (has[u]) raw[u] = VecLoad<T>::load(body + v * W);
+    }
+    float z[U][W];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
       if (has[u]) {
-        VecLoad<T>::load(body + v * W, scale, z[u]);
+        VecLoad<T>::template convert<kDivide>(raw[u], scale, z[u]);
       } else {
 #pragma unroll
-        for (int j = 0; j < W; ++j) z[u][j] = 0.0f;
+        for (int j = 0; j < W; ++j) z[u][j] = -INFINITY;
       }
     }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      const int64_t v = base + static_cast<int64_t>(u) * kThreads + tid;
-      consume<W>(z[u], body_begin + v * W, has[u], state, list, lane, k);
+    if (full) {
+      process_batch<U, W, true, SLOTS>(z, first_id, has, first, state, list, s_warp_kth, lane,
+                                       warp, k);
+    } else {
+      process_batch<U, W, false, SLOTS>(z, first_id, has, first, state, list, s_warp_kth, lane,
+                                        warp, k);
     }
+    first = false;
   }
   scalar_range(body_begin + num_vecs * W, end, 1);
 }
@@ -280,27 +379,43 @@ __device__ __forceinline__ EntropyState<float> warp_merge(EntropyState<float> s)
   return s;
 }
 
-// Sorts vals/ids[0, n) (n a power of two) so that the best entries come
-// first by core::ranks_before. All threads of the CTA call it.
-__device__ void bitonic_sort_best_first(float* vals, int32_t* ids, int n) {
-  for (int size = 2; size <= n; size <<= 1) {
-    for (int stride = size >> 1; stride > 0; stride >>= 1) {
-      for (int i = threadIdx.x; i < (n >> 1); i += kThreads) {
-        const int lo = 2 * i - (i & (stride - 1));
-        const int hi = lo + stride;
-        const bool best_first = (lo & size) == 0;
-        const bool hi_better = core::ranks_before(vals[hi], ids[hi], vals[lo], ids[lo]);
-        const bool lo_better = core::ranks_before(vals[lo], ids[lo], vals[hi], ids[hi]);
-        if (best_first ? hi_better : lo_better) {
-          const float tv = vals[lo];
-          vals[lo] = vals[hi];
-          vals[hi] = tv;
-          const int32_t ti = ids[lo];
-          ids[lo] = ids[hi];
-          ids[hi] = ti;
+// Merges `lists` sorted lists of k entries, list a at vals/ids[a * k, a * k + k),
+// into the sorted top-k in out_vals/out_ids[0, k). Every entry's rank is its
+// position in the list plus, for every other list, the length of the prefix
+// that ranks before it (binary search); entries equal in value and id (only
+// padding) are ordered by list index, so the ranks are a permutation and the
+// entries with rank < k are exactly the best k in order. All threads of the
+// CTA call it; out must not alias the input.
+__device__ void rank_merge(const float* vals, const int32_t* ids, int lists, int k,
+                           float* out_vals, int32_t* out_ids) {
+  const int total = lists * k;
+  for (int idx = threadIdx.x; idx < total; idx += kThreads) {
+    const int a = idx / k;
+    const int pos = idx - a * k;
+    const float v = vals[idx];
+    const int32_t id = ids[idx];
+    int rank = pos;
+    for (int b = 0; b < lists; ++b) {
+      if (b == a) continue;
+      const float* bv = vals + b * k;
+      const int32_t* bi = ids + b * k;
+      int lo = 0;
+      int hi = k;
+      while (lo < hi) {
+        const int mid = (lo + hi) >> 1;
+        const bool before = core::ranks_before(bv[mid], bi[mid], v, id) ||
+                            (b < a && bv[mid] == v && bi[mid] == id);
+        if (before) {
+          lo = mid + 1;
+        } else {
+          hi = mid;
         }
       }
-      __syncthreads();
+      rank += lo;
+    }
+    if (rank < k) {
+      out_vals[rank] = v;
+      out_ids[rank] = id;
     }
   }
 }
@@ -368,14 +483,20 @@ __device__ void write_row(const EntropyState<float>& state, const float* vals,
   }
 }
 
-template <typename T, int SLOTS>
-__global__ void __launch_bounds__(kThreads)
+template <typename T, bool kDivide, int SLOTS>
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     draft_topk_entropy_kernel(const T* __restrict__ logits, int64_t vocab, int64_t row_stride,
                               int64_t col_stride, int k, Scaler scale, int64_t splits,
                               void* workspace, Outputs out) {
   __shared__ float s_vals[kMergeCapacity];
   __shared__ int32_t s_ids[kMergeCapacity];
+  __shared__ float s_top_vals[core::kMaxTopK];
+  __shared__ int32_t s_top_ids[core::kMaxTopK];
   __shared__ EntropyState<float> s_states[kMaxSplits > kWarps ? kMaxSplits : kWarps];
+  // Each warp's current k-th value (non-decreasing); any of them bounds the
+  // CTA's top-k from below, so every warp filters with their maximum. Read
+  // while other warps write it: a stale value is only a weaker bound.
+  __shared__ float s_warp_kth[kWarps];
   __shared__ bool s_is_last;
 
   const int64_t row = static_cast<int64_t>(blockIdx.x) / splits;
@@ -383,7 +504,6 @@ __global__ void __launch_bounds__(kThreads)
   const int tid = threadIdx.x;
   const int lane = tid & 31;
   const int warp = tid >> 5;
-  const int list_width = core::next_pow2(k);  // <= 32 * SLOTS
 
   // This CTA's chunk: a whole number of 16-byte vectors where possible.
   constexpr int64_t W = 16 / sizeof(T);
@@ -391,25 +511,29 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t begin = split * chunk < vocab ? split * chunk : vocab;
   const int64_t end = begin + chunk < vocab ? begin + chunk : vocab;
 
+  if (tid < kWarps) s_warp_kth[tid] = -INFINITY;
+  __syncthreads();
+
   EntropyState<float> state = EntropyState<float>::empty();
   WarpTopK<SLOTS> list;
   init_list(list, k);
-  scan_chunk<T, SLOTS>(logits + row * row_stride, col_stride, begin, end, scale, state, list, k);
+  scan_chunk<T, kDivide, SLOTS>(logits + row * row_stride, col_stride, begin, end, scale, state,
+                                list, s_warp_kth, k);
 
   // CTA merge of the states (warp butterflies, then warps in order).
   state = warp_merge(state);
   if (lane == 0) s_states[warp] = state;
-  // CTA merge of the warp lists: each warp's first list_width positions.
+  // CTA merge of the warp lists: each warp's first k positions are its top-k.
 #pragma unroll
   for (int s = 0; s < SLOTS; ++s) {
     const int p = s * 32 + lane;
-    if (p < list_width) {
-      s_vals[warp * list_width + p] = list.value[s];
-      s_ids[warp * list_width + p] = list.id[s];
+    if (p < k) {
+      s_vals[warp * k + p] = list.value[s];
+      s_ids[warp * k + p] = list.id[s];
     }
   }
   __syncthreads();
-  bitonic_sort_best_first(s_vals, s_ids, kWarps * list_width);
+  rank_merge(s_vals, s_ids, kWarps, k, s_top_vals, s_top_ids);
   if (tid == 0) {
     EntropyState<float> cta = s_states[0];
     for (int w = 1; w < kWarps; ++w) cta.merge(s_states[w]);
@@ -418,7 +542,7 @@ __global__ void __launch_bounds__(kThreads)
   __syncthreads();
 
   if (splits == 1) {
-    write_row(s_states[0], s_vals, s_ids, row, k, out);
+    write_row(s_states[0], s_top_vals, s_top_ids, row, k, out);
     return;
   }
 
@@ -431,8 +555,8 @@ __global__ void __launch_bounds__(kThreads)
     ws.states[slot] = make_float4(cta.max, cta.sum, cta.shifted, cta.invalid ? 1.0f : 0.0f);
   }
   for (int i = tid; i < k; i += kThreads) {
-    ws.values[slot * k + i] = s_vals[i];
-    ws.ids[slot * k + i] = s_ids[i];
+    ws.values[slot * k + i] = s_top_vals[i];
+    ws.ids[slot * k + i] = s_top_ids[i];
   }
   __threadfence();
   __syncthreads();
@@ -443,19 +567,11 @@ __global__ void __launch_bounds__(kThreads)
 
   // Last CTA of the row: every other CTA's partials are visible. Read them
   // through L2 (__ldcg), never a stale L1 line.
-  const int lists = core::next_pow2(static_cast<int>(splits));
-  const int merge_size = lists * list_width;
+  const int merge_size = static_cast<int>(splits) * k;
   for (int idx = tid; idx < merge_size; idx += kThreads) {
-    const int src = idx / list_width;
-    const int pos = idx - src * list_width;
-    if (src < splits && pos < k) {
-      const int64_t from = (row * splits + src) * k + pos;
-      s_vals[idx] = __ldcg(ws.values + from);
-      s_ids[idx] = __ldcg(ws.ids + from);
-    } else {
-      s_vals[idx] = core::topk_pad().value;
-      s_ids[idx] = core::kTopKPadId;
-    }
+    const int64_t from = row * splits * k + idx;
+    s_vals[idx] = __ldcg(ws.values + from);
+    s_ids[idx] = __ldcg(ws.ids + from);
   }
   if (tid < splits) {
     const float4 p = __ldcg(ws.states + row * splits + tid);
@@ -467,14 +583,27 @@ __global__ void __launch_bounds__(kThreads)
     s_states[tid] = s;
   }
   __syncthreads();
-  bitonic_sort_best_first(s_vals, s_ids, merge_size);
+  rank_merge(s_vals, s_ids, static_cast<int>(splits), k, s_top_vals, s_top_ids);
   if (tid == 0) {
     EntropyState<float> total = s_states[0];
     for (int i = 1; i < splits; ++i) total.merge(s_states[i]);
     s_states[0] = total;
   }
   __syncthreads();
-  write_row(s_states[0], s_vals, s_ids, row, k, out);
+  write_row(s_states[0], s_top_vals, s_top_ids, row, k, out);
+}
+
+template <typename T, bool kDivide>
+void launch_scaled(const T* data, const dim3& grid, int64_t vocab, int64_t row_stride,
+                   int64_t col_stride, int k, const Scaler& scale, int64_t splits,
+                   void* workspace, const Outputs& out, cudaStream_t stream) {
+  if (k <= 32) {
+    draft_topk_entropy_kernel<T, kDivide, 1><<<grid, kThreads, 0, stream>>>(
+        data, vocab, row_stride, col_stride, k, scale, splits, workspace, out);
+  } else {
+    draft_topk_entropy_kernel<T, kDivide, 2><<<grid, kThreads, 0, stream>>>(
+        data, vocab, row_stride, col_stride, k, scale, splits, workspace, out);
+  }
 }
 
 template <typename T>
@@ -483,12 +612,12 @@ cudaError_t launch_typed(const void* logits, int64_t rows, int64_t vocab, int64_
                          void* workspace, const Outputs& out, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(rows * splits));
   const T* data = static_cast<const T*>(logits);
-  if (k <= 32) {
-    draft_topk_entropy_kernel<T, 1><<<grid, kThreads, 0, stream>>>(
-        data, vocab, row_stride, col_stride, k, scale, splits, workspace, out);
+  if (scale.exact_reciprocal) {
+    launch_scaled<T, false>(data, grid, vocab, row_stride, col_stride, k, scale, splits,
+                            workspace, out, stream);
   } else {
-    draft_topk_entropy_kernel<T, 2><<<grid, kThreads, 0, stream>>>(
-        data, vocab, row_stride, col_stride, k, scale, splits, workspace, out);
+    launch_scaled<T, true>(data, grid, vocab, row_stride, col_stride, k, scale, splits,
+                           workspace, out, stream);
   }
   return cudaGetLastError();
 }
@@ -504,9 +633,10 @@ DraftTopKEntropyPlan plan_draft_topk_entropy(int64_t rows, int64_t vocab, int64_
                                              int num_sms) {
   DraftTopKEntropyPlan plan{1, 0};
   if (rows <= 0 || vocab <= 0) return plan;
-  // Aim for about 4 CTAs per SM when there are few rows.
-  const int64_t target_ctas = 4 * static_cast<int64_t>(num_sms > 0 ? num_sms : 1);
-  int64_t splits = (target_ctas + rows - 1) / rows;
+  // With few rows, split them so the grid fills one wave of resident CTAs
+  // (kMinBlocksPerSm per SM) without spilling into a second, mostly idle one.
+  const int64_t target_ctas = kMinBlocksPerSm * static_cast<int64_t>(num_sms > 0 ? num_sms : 1);
+  int64_t splits = target_ctas / rows;
   const int64_t by_length = vocab / kMinChunk > 1 ? vocab / kMinChunk : 1;
   if (splits > by_length) splits = by_length;
   if (splits > kMaxSplits) splits = kMaxSplits;
