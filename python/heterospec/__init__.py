@@ -7,7 +7,8 @@ causal LMs, built on the fused ops of :mod:`heterospec_ext`.
     result = gen.generate(prompt_ids, max_new_tokens=64)
 """
 from .drafter import CandidatePool, Drafter, ModelDrafter, check_same_vocab, int8_drafter, quantize_int8
-from .errors import (GenerationConfigError, HeteroSpecError, ModelLoadError, PolicyFileError,
+from .eagle3 import Eagle3Drafter, Eagle3Head
+from .errors import (DraftCheckpointError, GenerationConfigError, HeteroSpecError, ModelLoadError, PolicyFileError,
                      TokenizerMismatchError, UnsupportedModelError)
 from .generate import (GenerationResult, GenerationStats, SamplingParams, SpeculativeGenerator,
                        autoregressive_generate)
@@ -15,7 +16,8 @@ from .policy import DEFAULT_POLICY_FILE, HeteroSpec, StaticTree, load_policy, re
 from .target import CausalLM, compact_cache, default_model_path, load_hf, load_target
 
 __all__ = [
-    "CandidatePool", "Drafter", "ModelDrafter", "check_same_vocab", "int8_drafter",
+    "CandidatePool", "Drafter", "ModelDrafter", "Eagle3Drafter", "Eagle3Head",
+    "DraftCheckpointError", "check_same_vocab", "int8_drafter",
     "quantize_int8", "GenerationConfigError", "HeteroSpecError", "ModelLoadError",
     "PolicyFileError", "TokenizerMismatchError", "UnsupportedModelError", "GenerationResult",
     "GenerationStats", "SamplingParams", "SpeculativeGenerator", "autoregressive_generate",

@@ -101,8 +101,9 @@ def _load(args):
         model, tok = load_hf(spec[len("model:"):], dtype=dtype, device=args.device)
         drafter = ModelDrafter(CausalLM(model, tok, name=f"draft {spec}"), top_k=policy.top_k)
     elif spec.startswith("eagle3:"):
-        raise GenerationConfigError("the EAGLE-3 drafter is not available in this version; use "
-                                    "--draft int8 or --draft model:PATH")
+        from .eagle3 import Eagle3Drafter
+
+        drafter = Eagle3Drafter.from_pretrained(spec[len("eagle3:"):], target, top_k=policy.top_k)
     else:
         raise GenerationConfigError(f"--draft must be int8, model:PATH or eagle3:DIR, got {spec!r}")
     return target, drafter, policy

@@ -62,6 +62,9 @@ class Drafter:
     tokenizer = None
     draft_time = 0.0
     forward_calls = 0
+    # True for drafters fed by the target's captured hidden states (EAGLE-3): ``reset`` and
+    # ``commit`` then also receive ``target_hidden``, the target rows of the new tokens' contexts
+    uses_target_hidden = False
 
     def reset(self, prompt_ids: torch.Tensor) -> None:
         raise NotImplementedError

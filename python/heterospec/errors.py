@@ -24,3 +24,7 @@ class PolicyFileError(HeteroSpecError, ValueError):
 
 class GenerationConfigError(HeteroSpecError, ValueError):
     """Bad generation arguments (max_new_tokens, temperature, top_k, top_p, tree shape)."""
+
+
+class DraftCheckpointError(HeteroSpecError, ValueError):
+    """A draft checkpoint (EAGLE-3 head) that is malformed or does not fit the target."""

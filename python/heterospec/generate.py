@@ -201,7 +201,11 @@ class SpeculativeGenerator:
         cache = target.new_cache()
         if ids.numel() > 1:
             target.causal_forward(ids[:-1], cache, last_only=True)
-        drafter.reset(ids)
+        if drafter.uses_target_hidden:
+            # EAGLE-3: the prompt's captured target hidden states, rows of ids[:-1]
+            drafter.reset(ids, target_hidden=target.captured_hidden if ids.numel() > 1 else None)
+        else:
+            drafter.reset(ids)
         stats.prefill_time_s = clock() - t0
         root = int(ids[-1])
         out: List[int] = []
@@ -235,7 +239,12 @@ class SpeculativeGenerator:
             new = res.out_tokens[0, :a + 1].tolist()
             compact_cache(cache, prefix, prefix + nodes)
             tc = clock()
-            drafter.commit(tree.selected[0, nodes].tolist(), new)
+            if drafter.uses_target_hidden:
+                # rows of root + accepted nodes: the target states that precede each new token
+                drafter.commit(tree.selected[0, nodes].tolist(), new,
+                               target_hidden=target.captured_hidden[nodes])
+            else:
+                drafter.commit(tree.selected[0, nodes].tolist(), new)
             stats.draft_time_s += clock() - tc
             stats.cycles += 1
             stats.verified_tokens += n

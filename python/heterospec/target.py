@@ -109,8 +109,53 @@ class CausalLM:
             model.config.vocab_size)
         self.forward_calls = 0
         self.forward_tokens = 0
+        # decoder-layer inputs recorded for EAGLE-3 style drafters (off unless requested)
+        self.capture_layer_ids: tuple = ()
+        self.captured_hidden: Optional[torch.Tensor] = None
+        self._captured = {}
         if check_tree_attention:
             self._check_tree_attention()
+
+    # -- hidden-state capture
+    def decoder_layers(self):
+        """The model's list of decoder layers (``model.model.layers`` for HF causal LMs)."""
+        for owner in (getattr(self.model, "model", None), self.model):
+            layers = getattr(owner, "layers", None)
+            if isinstance(layers, torch.nn.ModuleList):
+                return layers
+        decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else None
+        layers = getattr(decoder, "layers", None)
+        if isinstance(layers, torch.nn.ModuleList):
+            return layers
+        raise UnsupportedModelError(
+            f"{self.name} ({type(self.model).__name__}) exposes no list of decoder layers, so its "
+            "hidden states cannot be captured for an EAGLE-3 head")
+
+    def capture_hidden_states(self, layer_ids) -> None:
+        """From now on every forward stores, in ``captured_hidden`` (``[n, len(layer_ids) * H]``),
+        the *inputs* of decoder layers ``layer_ids`` (ascending, concatenated on the last dim),
+        i.e. HF ``hidden_states[i]``: what EAGLE-3 feeds its ``fc``. Idempotent per layer set."""
+        layers = self.decoder_layers()
+        ids = tuple(sorted(int(i) for i in layer_ids))
+        if ids == self.capture_layer_ids:
+            return
+        if self.capture_layer_ids:
+            raise UnsupportedModelError(
+                f"{self.name} already captures layers {self.capture_layer_ids}; cannot also "
+                f"capture {ids}")
+        if len(set(ids)) != len(ids) or not all(0 <= i < len(layers) for i in ids):
+            raise UnsupportedModelError(
+                f"capture layers {list(layer_ids)} must be distinct decoder-layer indices in "
+                f"[0, {len(layers)}) for {self.name}")
+        for i in ids:
+            layers[i].register_forward_pre_hook(self._capture_hook(i), with_kwargs=True)
+        self.capture_layer_ids = ids
+
+    def _capture_hook(self, index):
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            self._captured[index] = hidden
+        return hook
 
     # -- cache
     def new_cache(self):
@@ -134,6 +179,9 @@ class CausalLM:
                          attention_mask=attention_mask, **kwargs)
         self.forward_calls += 1
         self.forward_tokens += int(input_ids.numel())
+        if self.capture_layer_ids:
+            self.captured_hidden = torch.cat(
+                [self._captured.pop(i)[0] for i in self.capture_layer_ids], dim=-1)
         logits = out.logits[0]
         return logits[-1:] if last_only else logits
 

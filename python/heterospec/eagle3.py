@@ -1,0 +1,538 @@
+"""EAGLE-3 drafter: the official EAGLE-3 head (SafeAILab/EAGLE ``eagle/model/cnets.py``) on top of
+hidden states captured from the target.
+
+Checkpoint layout (a directory, as published e.g. for ``yuhuili/EAGLE3-LLaMA3.1-Instruct-8B``):
+
+``config.json``
+    LlamaConfig-like: ``hidden_size`` H, ``intermediate_size`` I, ``num_attention_heads``,
+    ``num_key_value_heads``, ``rms_norm_eps``, ``vocab_size`` V (the target's),
+    ``draft_vocab_size`` Vd (default V), optional ``head_dim`` (default H / heads),
+    ``target_hidden_size`` (default H), ``rope_theta`` / ``rope_scaling``, and optionally
+    ``eagle_aux_hidden_state_layer_ids`` (top level or under ``eagle_config``) to override the
+    captured target layers.
+``model.safetensors`` or ``pytorch_model.bin``
+    ============================================  =====================
+    ``fc.weight``                                 ``[H, 3 * target_H]``
+    ``midlayer.hidden_norm.weight``               ``[H]``
+    ``midlayer.input_layernorm.weight``           ``[H]``
+    ``midlayer.post_attention_layernorm.weight``  ``[H]``
+    ``midlayer.self_attn.q_proj.weight``          ``[heads * hd, 2H]``
+    ``midlayer.self_attn.k_proj.weight``          ``[kv_heads * hd, 2H]``
+    ``midlayer.self_attn.v_proj.weight``          ``[kv_heads * hd, 2H]``
+    ``midlayer.self_attn.o_proj.weight``          ``[H, heads * hd]``
+    ``midlayer.mlp.gate_proj.weight``             ``[I, H]``
+    ``midlayer.mlp.up_proj.weight``               ``[I, H]``
+    ``midlayer.mlp.down_proj.weight``             ``[H, I]``
+    ``norm.weight``                               ``[H]``
+    ``lm_head.weight``                            ``[Vd, H]``
+    ``d2t``  int64                                ``[Vd]`` target id = draft id + d2t[draft id]
+    ``t2d``  bool                                 ``[V]``  (unused for drafting; checked)
+    ``embed_tokens.weight`` (optional)            ``[V, H]``; default: the target's embedding
+    ============================================  =====================
+
+``d2t``/``t2d`` may be absent when Vd == V (the official loader deletes them then).
+
+Computation (one draft step, per token; official semantics):
+
+    e = embed(token)                       # the target's input embedding unless stored
+    g = fc(concat(h_low, h_mid, h_high))   # only for target states; deeper tree steps feed
+                                           # the head's own output state g' (already H wide)
+    x = concat(input_layernorm(e), hidden_norm(g))            # [2H], embedding first
+    g' = g + o_proj(attention(x))           # residual is g, not x
+    g' = g' + mlp(post_attention_layernorm(g'))
+    logits = lm_head(norm(g'))             # over the draft vocabulary
+
+Sequence alignment: the draft entry at position j pairs the target state of token j with the
+embedding of token j + 1 and predicts token j + 2. The captured target states are the *inputs*
+of decoder layers (2, L // 2, L - 3), ascending (HF ``output_hidden_states[i]``), as the
+official ``modeling_llama_kv.py`` collects them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import List, Optional
+
+import torch
+from torch import nn
+
+import heterospec_ext as hx
+
+from .drafter import Drafter, _PoolBuilder, CandidatePool
+from .errors import DraftCheckpointError, ModelLoadError
+from .target import CausalLM
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+def default_capture_layers(num_layers: int) -> List[int]:
+    """EAGLE-3's low / middle / high target layers (inputs of these decoder layers)."""
+    return [2, num_layers // 2, num_layers - 3]
+
+
+# ----------------------------------------------------------------------------- the head
+
+
+class _RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class _Attention(nn.Module):
+    """Llama attention whose q/k/v read the 2H-wide [embedding ; state] input."""
+
+    def __init__(self, hidden, heads, kv_heads, head_dim):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.q_proj = nn.Linear(2 * hidden, heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(2 * hidden, kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(2 * hidden, kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+
+
+class _MLP(nn.Module):
+    def __init__(self, hidden, intermediate, act):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.act = act
+
+    def forward(self, x):
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _MidLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.self_attn = _Attention(cfg.hidden_size, cfg.num_attention_heads,
+                                    cfg.num_key_value_heads, cfg.head_dim)
+        from transformers.activations import ACT2FN
+
+        self.mlp = _MLP(cfg.hidden_size, cfg.intermediate_size, ACT2FN[cfg.hidden_act])
+        self.hidden_norm = _RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = _RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = _RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class DraftKVCache:
+    """The head's single-layer KV cache, batch 1: ``keys``/``values`` ``[1, kv_heads, S, hd]``."""
+
+    def __init__(self, kv_heads, head_dim, dtype, device):
+        self.keys = torch.zeros((1, kv_heads, 0, head_dim), dtype=dtype, device=device)
+        self.values = torch.zeros_like(self.keys)
+
+    @property
+    def length(self) -> int:
+        return int(self.keys.shape[2])
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def truncate(self, n: int) -> None:
+        self.keys = self.keys[:, :, :n]
+        self.values = self.values[:, :, :n]
+
+
+class Eagle3Head(nn.Module):
+    """The EAGLE-3 draft head with the official parameter names (see the module docstring).
+
+    ``config`` is a ``transformers.LlamaConfig`` built from the checkpoint's config.json (with
+    ``draft_vocab_size`` and ``target_hidden_size`` filled in). ``embed`` is the token embedding
+    (the target's, unless the checkpoint stores ``embed_tokens``)."""
+
+    def __init__(self, config, embed: Optional[nn.Module] = None):
+        super().__init__()
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        self.config = config
+        h = config.hidden_size
+        self.fc = nn.Linear(3 * config.target_hidden_size, h, bias=False)
+        self.midlayer = _MidLayer(config)
+        self.norm = _RMSNorm(h, config.rms_norm_eps)
+        self.lm_head = nn.Linear(h, config.draft_vocab_size, bias=False)
+        self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.int64))
+        self.register_buffer("t2d", torch.ones(config.vocab_size, dtype=torch.bool))
+        self.rotary = LlamaRotaryEmbedding(config)
+        self.embed = embed
+
+    def new_cache(self) -> DraftKVCache:
+        attn = self.midlayer.self_attn
+        w = self.fc.weight
+        return DraftKVCache(attn.kv_heads, attn.head_dim, w.dtype, w.device)
+
+    @torch.inference_mode()
+    def forward(self, token_ids: torch.Tensor, state: torch.Tensor, positions: torch.Tensor,
+                visible: torch.Tensor, cache: DraftKVCache, from_target: bool) -> torch.Tensor:
+        """One head pass over ``n`` entries appended to ``cache``.
+
+        ``token_ids`` ``[n]`` int64 target ids; ``state`` ``[n, 3 * target_H]`` captured target
+        states (``from_target``) or ``[n, H]`` the head's own output states; ``positions`` ``[n]``;
+        ``visible`` ``[n, cache.length + n]`` bool (row i may attend to column j). Returns the
+        output states ``[n, H]`` (before ``norm``); the cache grows by ``n``."""
+        attn, layer = self.midlayer.self_attn, self.midlayer
+        n = token_ids.numel()
+        dtype = self.fc.weight.dtype
+        emb = self.embed(token_ids).to(dtype)
+        g = self.fc(state.to(dtype)) if from_target else state.to(dtype)
+        x = torch.cat((layer.input_layernorm(emb), layer.hidden_norm(g)), dim=-1)[None]
+        q = attn.q_proj(x).view(1, n, attn.heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(1, n, attn.kv_heads, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(1, n, attn.kv_heads, attn.head_dim).transpose(1, 2)
+        cos, sin = self.rotary(v, positions[None])
+        cos, sin = cos[:, None], sin[:, None]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        cache.keys = torch.cat((cache.keys, k), dim=2)
+        cache.values = torch.cat((cache.values, v), dim=2)
+        rep = attn.heads // attn.kv_heads
+        keys = cache.keys.repeat_interleave(rep, dim=1)
+        values = cache.values.repeat_interleave(rep, dim=1)
+        scores = (q @ keys.transpose(2, 3)) / math.sqrt(attn.head_dim)
+        scores = scores.masked_fill(~visible[None, None], torch.finfo(scores.dtype).min)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+        out = (probs @ values).transpose(1, 2).reshape(1, n, attn.heads * attn.head_dim)
+        g = g + attn.o_proj(out)[0]
+        return g + layer.mlp(layer.post_attention_layernorm(g))
+
+    @torch.inference_mode()
+    def logits(self, out_state: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits ``[n, Vd]`` from output states ``[n, H]``."""
+        return self.lm_head(self.norm(out_state))
+
+    def to_target_ids(self, draft_ids: torch.Tensor) -> torch.Tensor:
+        return draft_ids + self.d2t[draft_ids]
+
+
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _expected_shapes(cfg) -> dict:
+    h, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    return {
+        "fc.weight": (h, 3 * cfg.target_hidden_size),
+        "midlayer.hidden_norm.weight": (h,),
+        "midlayer.input_layernorm.weight": (h,),
+        "midlayer.post_attention_layernorm.weight": (h,),
+        "midlayer.self_attn.q_proj.weight": (nh * hd, 2 * h),
+        "midlayer.self_attn.k_proj.weight": (nkv * hd, 2 * h),
+        "midlayer.self_attn.v_proj.weight": (nkv * hd, 2 * h),
+        "midlayer.self_attn.o_proj.weight": (h, nh * hd),
+        "midlayer.mlp.gate_proj.weight": (i, h),
+        "midlayer.mlp.up_proj.weight": (i, h),
+        "midlayer.mlp.down_proj.weight": (h, i),
+        "norm.weight": (h,),
+        "lm_head.weight": (cfg.draft_vocab_size, h),
+    }
+
+
+def load_eagle3_config(path: str):
+    """``transformers.LlamaConfig`` from an EAGLE-3 checkpoint's config.json, with
+    ``draft_vocab_size``, ``target_hidden_size`` and ``head_dim`` resolved."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ModelLoadError(f"{path} has no config.json; not an EAGLE-3 checkpoint directory")
+    try:
+        with open(cfg_path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise DraftCheckpointError(f"{cfg_path} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise DraftCheckpointError(f"{cfg_path} must hold a JSON object")
+    need = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+            "vocab_size")
+    missing = [k for k in need if not isinstance(raw.get(k), int)]
+    if missing:
+        raise DraftCheckpointError(f"{cfg_path} lacks integer field(s) {missing}")
+    from transformers import LlamaConfig
+
+    keep = {k: v for k, v in raw.items() if k not in ("architectures", "auto_map", "model_type")}
+    keep.setdefault("draft_vocab_size", raw["vocab_size"])
+    keep.setdefault("target_hidden_size", raw["hidden_size"])
+    if keep.get("head_dim") is None:
+        keep["head_dim"] = raw["hidden_size"] // raw["num_attention_heads"]
+    try:
+        cfg = LlamaConfig(**keep)
+    except Exception as exc:  # noqa: BLE001 - any config the Llama code rejects
+        raise DraftCheckpointError(f"{cfg_path}: {type(exc).__name__}: {exc}") from None
+    cfg.draft_vocab_size = int(keep["draft_vocab_size"])
+    cfg.target_hidden_size = int(keep["target_hidden_size"])
+    cfg.head_dim = int(keep["head_dim"])
+    eagle_cfg = raw.get("eagle_config") if isinstance(raw.get("eagle_config"), dict) else {}
+    cfg.eagle_capture_layers = raw.get("eagle_aux_hidden_state_layer_ids",
+                                       eagle_cfg.get("eagle_aux_hidden_state_layer_ids"))
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise DraftCheckpointError(
+            f"{cfg_path}: num_attention_heads {cfg.num_attention_heads} is not a multiple of "
+            f"num_key_value_heads {cfg.num_key_value_heads}")
+    return cfg
+
+
+def load_eagle3_state(path: str) -> dict:
+    """The checkpoint's tensors by name (safetensors preferred; ``.bin`` loaded weights-only)."""
+    for name in WEIGHT_FILES:
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            continue
+        try:
+            if name.endswith(".safetensors"):
+                from safetensors.torch import load_file
+
+                return load_file(file)
+            return torch.load(file, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            raise DraftCheckpointError(
+                f"could not read {file}: {type(exc).__name__}: {exc}") from None
+    raise ModelLoadError(f"{path} holds none of {list(WEIGHT_FILES)}; not an EAGLE-3 checkpoint")
+
+
+def build_eagle3_head(path: str, target: CausalLM) -> Eagle3Head:
+    """Load and validate an EAGLE-3 head for ``target`` (every mismatch is a clear error)."""
+    path = os.path.expanduser(str(path))
+    if not os.path.isdir(path):
+        raise ModelLoadError(f"EAGLE-3 checkpoint directory does not exist: {path}")
+    cfg = load_eagle3_config(path)
+    state = load_eagle3_state(path)
+    tcfg = target.config
+    target_h = int(getattr(tcfg, "hidden_size"))
+    if cfg.target_hidden_size != target_h:
+        raise DraftCheckpointError(
+            f"EAGLE-3 head {path} expects target hidden size {cfg.target_hidden_size} but the "
+            f"target's hidden size is {target_h}: the head was trained for another model")
+    if cfg.vocab_size != target.vocab_size:
+        raise DraftCheckpointError(
+            f"EAGLE-3 head {path} has vocab_size {cfg.vocab_size} but the target's vocabulary "
+            f"has {target.vocab_size} tokens: the head was trained for another model")
+    for name, shape in _expected_shapes(cfg).items():
+        if name not in state:
+            raise DraftCheckpointError(f"EAGLE-3 checkpoint {path} lacks tensor {name!r}")
+        got = tuple(state[name].shape)
+        if got != shape:
+            raise DraftCheckpointError(
+                f"EAGLE-3 checkpoint {path}: tensor {name!r} has shape {list(got)}, expected "
+                f"{list(shape)} from config.json")
+    vd, v = cfg.draft_vocab_size, cfg.vocab_size
+    d2t = state.get("d2t")
+    if d2t is None:
+        if vd != v:
+            raise DraftCheckpointError(
+                f"EAGLE-3 checkpoint {path} lacks 'd2t' but draft_vocab_size {vd} != vocab_size {v}")
+        d2t = torch.zeros(vd, dtype=torch.int64)
+    if tuple(d2t.shape) != (vd,) or d2t.is_floating_point() or d2t.is_complex():
+        raise DraftCheckpointError(
+            f"EAGLE-3 checkpoint {path}: 'd2t' must be an integer tensor of shape [{vd}], got "
+            f"{d2t.dtype} {list(d2t.shape)}")
+    mapped = torch.arange(vd) + d2t.long()
+    if vd and (int(mapped.min()) < 0 or int(mapped.max()) >= v):
+        raise DraftCheckpointError(
+            f"EAGLE-3 checkpoint {path}: 'd2t' maps draft ids outside the target vocabulary "
+            f"[0, {v})")
+    t2d = state.get("t2d")
+    if t2d is not None and tuple(t2d.shape) != (v,):
+        raise DraftCheckpointError(
+            f"EAGLE-3 checkpoint {path}: 't2d' has shape {list(t2d.shape)}, expected [{v}]")
+    emb_w = state.get("embed_tokens.weight")
+    if emb_w is not None:
+        if tuple(emb_w.shape) != (v, cfg.hidden_size):
+            raise DraftCheckpointError(
+                f"EAGLE-3 checkpoint {path}: tensor 'embed_tokens.weight' has shape "
+                f"{list(emb_w.shape)}, expected {[v, cfg.hidden_size]}")
+        embed = nn.Embedding(v, cfg.hidden_size)
+        with torch.no_grad():
+            embed.weight.copy_(emb_w)
+    else:
+        embed = target.model.get_input_embeddings()
+        emb_dim = int(embed.weight.shape[1])
+        if emb_dim != cfg.hidden_size:
+            raise DraftCheckpointError(
+                f"EAGLE-3 head {path} has hidden size {cfg.hidden_size} but the target's token "
+                f"embedding is {emb_dim} wide and the checkpoint stores no embed_tokens")
+    head = Eagle3Head(cfg)
+    with torch.no_grad():
+        params = dict(head.named_parameters())
+        for name in _expected_shapes(cfg):
+            params[name].copy_(state[name])
+        head.d2t.copy_(d2t.long())
+        if t2d is not None:
+            head.t2d.copy_(t2d.bool())
+    # float parameters only: .to(dtype) leaves the integer/bool d2t and t2d buffers alone
+    head = head.to(device=target.device, dtype=target.dtype).eval()
+    head.embed = embed.to(device=target.device, dtype=target.dtype) if emb_w is not None else embed
+    return head
+
+
+# ----------------------------------------------------------------------------- the drafter
+
+
+class Eagle3Drafter(Drafter):
+    """Tree drafter over an EAGLE-3 head fed by the target's captured hidden states.
+
+    Expansion as :class:`~heterospec.ModelDrafter`: level 0 is the root's ``top_k`` children;
+    each further level gives every frontier node its ``top_k`` children (one head pass, one
+    ``draft_topk_entropy`` launch over the draft-vocabulary logits) and keeps the ``top_k``
+    best by cumulative log-prob as the next frontier. Draft ids become target ids through
+    ``d2t``. A tree node at depth d sits at position ``root_pos + d`` and feeds its parent's
+    output state (the official EAGLE-3 tree step).
+
+    KV cache: one entry per committed (target state of token j, token j + 1) pair, then the
+    tree entries of the current cycle, tree-masked. After verification the tree entries are all
+    dropped (they were computed from draft states, not target states) and the accepted
+    tokens are re-fed with their target states at the next ``draft`` call. A one-token prompt
+    has no target state before its token; a zero state stands in for it (only draft quality,
+    never the output, depends on it)."""
+
+    uses_target_hidden = True
+
+    def __init__(self, head: Eagle3Head, target: CausalLM, top_k: int = 10,
+                 capture_layers: Optional[List[int]] = None):
+        if top_k < 1 or top_k > min(hx.ops.draft_topk_entropy.MAX_TOPK,
+                                    head.config.draft_vocab_size):
+            raise ValueError(f"top_k must be in [1, min(64, draft vocab)], got {top_k}")
+        num_layers = len(target.decoder_layers())
+        layers = capture_layers
+        if layers is None:
+            layers = getattr(head.config, "eagle_capture_layers", None)
+        if layers is None:
+            layers = default_capture_layers(num_layers)
+        layers = [int(i) for i in layers]
+        if len(layers) != 3 or len(set(layers)) != 3 or not all(0 <= i < num_layers for i in layers):
+            raise DraftCheckpointError(
+                f"EAGLE-3 needs three distinct target layers in [0, {num_layers}), got {layers}; "
+                f"the target has too few layers for the default (2, L//2, L-3): set "
+                "eagle_aux_hidden_state_layer_ids in the head's config.json")
+        target.capture_hidden_states(layers)
+        self.head = head
+        self.target = target
+        self.capture_layers = sorted(layers)
+        self.top_k = top_k
+        self.tokenizer = target.tokenizer
+        self.vocab_size = target.vocab_size
+        self.device = target.device
+        self.cache: Optional[DraftKVCache] = None
+        self.forward_calls = 0
+
+    @classmethod
+    def from_pretrained(cls, path: str, target: CausalLM, top_k: int = 10,
+                        capture_layers: Optional[List[int]] = None) -> "Eagle3Drafter":
+        """Load an official-layout EAGLE-3 checkpoint directory for ``target``."""
+        return cls(build_eagle3_head(path, target), target, top_k=top_k,
+                   capture_layers=capture_layers)
+
+    # -- per request
+    def reset(self, prompt_ids: torch.Tensor, target_hidden: Optional[torch.Tensor] = None):
+        self.cache = self.head.new_cache()
+        self.forward_calls = 0
+        ids = torch.as_tensor(prompt_ids, dtype=torch.int64, device=self.device).reshape(-1)
+        width = 3 * self.head.config.target_hidden_size
+        if ids.numel() == 1:
+            state = torch.zeros((1, width), dtype=self.head.fc.weight.dtype, device=self.device)
+            self._queue(state, ids)
+            return
+        self._queue(target_hidden, ids[1:])
+
+    def _queue(self, state, tokens):
+        state = torch.as_tensor(state)
+        if state.dim() != 2 or state.shape[0] != tokens.numel():
+            raise ValueError(
+                f"target_hidden must be [{tokens.numel()}, {3 * self.head.config.target_hidden_size}]"
+                f" (one row per new token), got {list(state.shape)}")
+        self._pending_state = state
+        self._pending_tokens = tokens
+
+    # -- per cycle
+    def draft(self, root: int, levels: int) -> CandidatePool:
+        if levels < 1:
+            raise ValueError(f"levels must be >= 1, got {levels}")
+        if int(self._pending_tokens[-1]) != int(root):
+            raise ValueError(f"draft root {root} is not the last committed token "
+                             f"{int(self._pending_tokens[-1])}")
+        k, dev, head = self.top_k, self.device, self.head
+        start = self.cache.length
+        n = self._pending_tokens.numel()
+        pos = torch.arange(start, start + n, device=dev)
+        visible = torch.ones((n, start + n), dtype=torch.bool, device=dev).tril_(start)
+        out = head(self._pending_tokens, self._pending_state, pos, visible, self.cache,
+                   from_target=True)
+        self.forward_calls += 1
+        self._prefix = self.cache.length  # committed entries; the root's is the last
+        stats = hx.draft_topk_entropy(head.logits(out[-1:]), k, 1.0)
+        b = _PoolBuilder()
+        zero = torch.zeros(1, dtype=torch.float32, device=dev)
+        b.add(torch.tensor([int(root)], device=dev), torch.tensor([-1], device=dev), zero,
+              zero, zero, -1)
+        lp = stats.topk_logprobs[0]
+        first = b.add(head.to_target_ids(stats.topk_ids[0]),
+                      torch.zeros(k, dtype=torch.int64, device=dev), lp,
+                      stats.topk_entropy.expand(k).clone(), lp, 0)
+        self._builder = b
+        self._state_of = {0: out[-1]}  # head output state per processed pool node
+        self._anc_rows = {0: torch.zeros(0, dtype=torch.bool, device=dev)}
+        self._frontier = list(range(first, first + k))
+        self._parent_of = {i: 0 for i in self._frontier}
+        self._depth = {0: 0, **{i: 1 for i in self._frontier}}
+        self._levels = 1
+        return self.extend(levels - 1)
+
+    def extend(self, extra_levels: int) -> CandidatePool:
+        k, dev, head = self.top_k, self.device, self.head
+        for _ in range(extra_levels):
+            frontier = self._frontier
+            f = len(frontier)
+            tree_slots = self.cache.length - self._prefix
+            visible = torch.zeros((f, self._prefix + tree_slots + f), dtype=torch.bool, device=dev)
+            visible[:, :self._prefix] = True
+            for r, node in enumerate(frontier):
+                row = self._anc_rows[self._parent_of[node]]
+                visible[r, self._prefix:self._prefix + row.numel()] = row
+                visible[r, self._prefix + tree_slots + r] = True
+            toks = torch.cat(self._builder.tokens)[torch.tensor(frontier, device=dev)]
+            state = torch.stack([self._state_of[self._parent_of[node]] for node in frontier])
+            pos = torch.tensor([self._prefix - 1 + self._depth[i] for i in frontier], device=dev)
+            out = head(toks, state, pos, visible, self.cache, from_target=False)
+            self.forward_calls += 1
+            for r, node in enumerate(frontier):
+                self._state_of[node] = out[r]
+                self._anc_rows[node] = visible[r, self._prefix:]
+            stats = hx.draft_topk_entropy(head.logits(out), k, 1.0)
+            parent_scores = torch.cat(self._builder.scores)[torch.tensor(frontier, device=dev)]
+            child_scores = (parent_scores[:, None] + stats.topk_logprobs).reshape(-1)
+            parents = torch.tensor(frontier, dtype=torch.int64, device=dev).repeat_interleave(k)
+            start = self._builder.add(head.to_target_ids(stats.topk_ids.reshape(-1)), parents,
+                                      child_scores, stats.topk_entropy.repeat_interleave(k),
+                                      stats.topk_logprobs.reshape(-1), self._levels)
+            # next frontier: best k children by cumulative score, ties to the lower index
+            order = torch.sort(-child_scores, stable=True).indices[:k].tolist()
+            self._frontier = []
+            for j in order:
+                node, parent = start + j, frontier[j // k]
+                self._frontier.append(node)
+                self._parent_of[node] = parent
+                self._depth[node] = self._depth[parent] + 1
+            self._levels += 1
+        self._pool = self._builder.build(self._levels)
+        return self._pool
+
+    def commit(self, path_pool_nodes: List[int], new_tokens: List[int],
+               target_hidden: Optional[torch.Tensor] = None) -> None:
+        """Drop every tree entry; queue the new tokens with the target states before them
+        (``target_hidden`` ``[len(new_tokens), 3 * target_H]``: root, then accepted nodes)."""
+        if target_hidden is None:
+            raise ValueError("Eagle3Drafter.commit needs target_hidden (the target's captured "
+                             "states of the root and the accepted nodes)")
+        self.cache.truncate(self._prefix)
+        self._queue(target_hidden, torch.tensor([int(t) for t in new_tokens], dtype=torch.int64,
+                                                device=self.device))
