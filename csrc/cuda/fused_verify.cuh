@@ -40,6 +40,10 @@ struct FusedVerifyArgs {
   int64_t batch;
   int64_t nodes;
   int64_t vocab;
+  // Set by the launcher (callers leave it 0): prefetch the rows of the
+  // current node's children into L2 while the node is decided (only when the
+  // batch leaves most of the memory bandwidth idle).
+  int prefetch_children;
 };
 
 // One launch on `stream`, no host synchronisation, no allocation. Returns the
