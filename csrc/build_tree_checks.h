@@ -18,7 +18,7 @@ inline void check_build_tree_args(const at::Tensor& pool_parents, const at::Tens
   HX_CHECK_DTYPE(pool_parents, at::kLong);
   TORCH_CHECK(pool_parents.size(1) >= 1,
               "pool_parents must have at least one node per request (node 0 is the root), got "
-              "shape ", pool_parents.sizes());
+              "shape ", hx_shape(pool_parents));
   TORCH_CHECK(pool_parents.size(1) < (int64_t{1} << 31),
               "pool_parents.size(1) must be < 2^31, got ", pool_parents.size(1));
   HX_CHECK_DIM(pool_scores, 2);
@@ -44,8 +44,8 @@ inline void check_build_tree_args(const at::Tensor& pool_parents, const at::Tens
     TORCH_CHECK((t).scalar_type() == (dt), #t " must have dtype ", (dt),        \
                 ", got ", (t).scalar_type());                                   \
     TORCH_CHECK((t).sizes() == at::IntArrayRef({__VA_ARGS__}), #t               \
-                " must have shape ", at::IntArrayRef({__VA_ARGS__}), ", got ",  \
-                (t).sizes());                                                   \
+                " must have shape ", hx_shape(at::IntArrayRef({__VA_ARGS__})),  \
+                ", got ", hx_shape(t));                                         \
     HX_CHECK_SAME_DEVICE(t, pool_parents);                                      \
     TORCH_CHECK((t).is_contiguous(), #t " must be contiguous");                 \
   } while (0)

@@ -5,9 +5,38 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <cstdint>
+#include <string>
+
+namespace heterospec {
+
+// "[2, 64, 128256]": shapes for error messages, formatted here rather than by
+// streaming c10::IntArrayRef. On the H200 device image (torch 2.11), CUDA calls
+// whose check message streamed an IntArrayRef died with SIGSEGV while dtype
+// messages (no IntArrayRef) raised normally; see bench/RESULTS.md.
+inline std::string hx_shape(c10::IntArrayRef shape) {
+  std::string text = "[";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    if (i > 0) text += ", ";
+    text += std::to_string(shape[i]);
+  }
+  return text + "]";
+}
+
+inline std::string hx_shape(const at::Tensor& t) {
+  std::string text = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) {
+    if (i > 0) text += ", ";
+    text += std::to_string(t.size(i));
+  }
+  return text + "]";
+}
+
+}  // namespace heterospec
+
 #define HX_CHECK_DIM(t, n)                                                      \
   TORCH_CHECK((t).dim() == (n), #t " must be a " #n "-D tensor, got ",          \
-              (t).dim(), "-D with shape ", (t).sizes())
+              (t).dim(), "-D with shape ", ::heterospec::hx_shape(t))
 
 #define HX_CHECK_DTYPE(t, dt)                                                   \
   TORCH_CHECK((t).scalar_type() == (dt), #t " must have dtype ", (dt),          \
@@ -15,7 +44,7 @@
 
 #define HX_CHECK_SIZE(t, d, n)                                                  \
   TORCH_CHECK((t).size(d) == (n), #t ".size(" #d ") must be ", (n), ", got ",   \
-              (t).size(d), " (shape ", (t).sizes(), ")")
+              (t).size(d), " (shape ", ::heterospec::hx_shape(t), ")")
 
 #define HX_CHECK_SAME_DEVICE(a, b)                                              \
   TORCH_CHECK((a).device() == (b).device(), #a " and " #b                       \

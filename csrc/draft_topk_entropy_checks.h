@@ -38,8 +38,8 @@ inline void check_draft_topk_entropy_out(const at::Tensor& out, const char* name
                                          const at::Tensor& logits,
                                          at::IntArrayRef expected_shape,
                                          at::ScalarType expected_dtype) {
-  TORCH_CHECK(out.sizes() == expected_shape, name, " must have shape ", expected_shape,
-              ", got ", out.sizes());
+  TORCH_CHECK(out.sizes() == expected_shape, name, " must have shape ", hx_shape(expected_shape),
+              ", got ", hx_shape(out));
   TORCH_CHECK(out.scalar_type() == expected_dtype, name, " must have dtype ",
               expected_dtype, ", got ", out.scalar_type());
   TORCH_CHECK(out.device() == logits.device(), name,

@@ -70,12 +70,12 @@ inline void check_fused_verify_args(const at::Tensor& target_logits,
   if (draft_probs.has_value()) {
     const at::Tensor& q = *draft_probs;
     TORCH_CHECK(q.dim() == 3, "draft_probs must be a 3-D tensor, got ", q.dim(),
-                "-D with shape ", q.sizes());
+                "-D with shape ", hx_shape(q));
     TORCH_CHECK(q.scalar_type() == at::kFloat, "draft_probs must have dtype float32, got ",
                 q.scalar_type());
     TORCH_CHECK(q.size(0) == batch && q.size(1) == nodes && q.size(2) == vocab,
-                "draft_probs must have the shape of target_logits ", target_logits.sizes(),
-                ", got ", q.sizes());
+                "draft_probs must have the shape of target_logits ", hx_shape(target_logits),
+                ", got ", hx_shape(q));
     TORCH_CHECK(q.device() == target_logits.device(),
                 "draft_probs and target_logits must be on the same device, got ", q.device(),
                 " and ", target_logits.device());

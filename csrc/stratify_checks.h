@@ -17,7 +17,7 @@ inline void check_stratify_args(const at::Tensor& step_entropy, const at::Tensor
   HX_CHECK_DTYPE(parents, at::kLong);
   TORCH_CHECK(parents.size(1) >= 1,
               "parents must have at least one node per request (node 0 is the root), got shape ",
-              parents.sizes());
+              hx_shape(parents));
   TORCH_CHECK(parents.size(1) < (int64_t{1} << 31),
               "parents.size(1) must be < 2^31, got ", parents.size(1));
   HX_CHECK_DIM(step_entropy, 2);
