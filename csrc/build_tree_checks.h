@@ -3,8 +3,10 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <cstdint>
+#include <tuple>
 
 #include "check.h"
 #include "core/build_tree.h"
@@ -75,5 +77,38 @@ inline void check_build_tree_outputs(const at::Tensor& pool_parents, const at::T
 }
 
 #undef HX_CHECK_BUILD_TREE_OUT
+
+using BuildTreeResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                                   at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+// The functional build_tree of both backends: the outputs are allocated from
+// the input shapes alone (never from data, so it is capture-safe) on
+// pool_parents' device, then filled by the backend's build_tree_out. The
+// _out implementation is a template argument so that each backend registers
+// build_tree_functional<its build_tree_out> directly.
+template <auto write_outputs>
+BuildTreeResult build_tree_functional(const at::Tensor& pool_parents,
+                                      const at::Tensor& pool_scores,
+                                      const at::Tensor& pool_tokens, const at::Tensor& top_n,
+                                      int64_t n_max) {
+  check_build_tree_args(pool_parents, pool_scores, pool_tokens, top_n, n_max);
+  const int64_t batch = pool_parents.size(0);
+  const auto i64 = pool_parents.options().dtype(at::kLong);
+  at::Tensor selected = at::empty({batch, n_max}, i64);
+  at::Tensor tokens = at::empty({batch, n_max}, i64);
+  at::Tensor parents = at::empty({batch, n_max}, i64);
+  at::Tensor depth = at::empty({batch, n_max}, i64);
+  at::Tensor mask = at::empty({batch, n_max, n_max}, pool_parents.options().dtype(at::kBool));
+  at::Tensor packed_mask = at::empty({batch, n_max, core::packed_mask_words(n_max)},
+                                     pool_parents.options().dtype(at::kInt));
+  at::Tensor first_child = at::empty({batch, n_max}, i64);
+  at::Tensor next_sibling = at::empty({batch, n_max}, i64);
+  at::Tensor retrieve = at::empty({batch, n_max, n_max}, i64);
+  at::Tensor num_nodes = at::empty({batch}, i64);
+  write_outputs(pool_parents, pool_scores, pool_tokens, top_n, selected, tokens, parents, depth,
+                mask, packed_mask, first_child, next_sibling, retrieve, num_nodes);
+  return {selected, tokens, parents, depth, mask, packed_mask,
+          first_child, next_sibling, retrieve, num_nodes};
+}
 
 }  // namespace heterospec

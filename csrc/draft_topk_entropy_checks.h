@@ -4,8 +4,10 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
 #include "check.h"
@@ -62,6 +64,27 @@ inline void check_draft_topk_entropy_outs(const at::Tensor& logits, int64_t k,
   check_draft_topk_entropy_out(topk_entropy, "topk_entropy", logits, {rows}, at::kFloat);
   check_draft_topk_entropy_out(entropy, "entropy", logits, {rows}, at::kFloat);
   check_draft_topk_entropy_out(logsumexp, "logsumexp", logits, {rows}, at::kFloat);
+}
+
+// The functional draft_topk_entropy of both backends: the outputs are
+// allocated from logits' shape and k alone (never from data, so it is
+// capture-safe) on logits' device, then filled by the backend's
+// draft_topk_entropy_out. The _out implementation is a template argument so
+// that each backend registers draft_topk_entropy_functional<its _out> directly.
+template <auto write_outputs>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+draft_topk_entropy_functional(const at::Tensor& logits, int64_t k, double temperature) {
+  check_draft_topk_entropy_args(logits, k, temperature);
+  const int64_t rows = logits.size(0);
+  const auto f32 = logits.options().dtype(at::kFloat);
+  at::Tensor topk_logprobs = at::empty({rows, k}, f32);
+  at::Tensor topk_ids = at::empty({rows, k}, logits.options().dtype(at::kLong));
+  at::Tensor topk_entropy = at::empty({rows}, f32);
+  at::Tensor entropy = at::empty({rows}, f32);
+  at::Tensor logsumexp = at::empty({rows}, f32);
+  write_outputs(logits, k, temperature, topk_logprobs, topk_ids, topk_entropy, entropy,
+                logsumexp);
+  return {topk_logprobs, topk_ids, topk_entropy, entropy, logsumexp};
 }
 
 }  // namespace heterospec

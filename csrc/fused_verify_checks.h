@@ -6,8 +6,10 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 #include <optional>
+#include <tuple>
 
 #include "check.h"
 
@@ -106,6 +108,28 @@ inline void check_fused_verify_outputs(const at::Tensor& target_logits,
   HX_CHECK_DTYPE(num_accepted, at::kLong);
   HX_CHECK_SIZE(num_accepted, 0, batch);
   HX_CHECK_SAME_DEVICE(num_accepted, target_logits);
+}
+
+// The functional fused_verify of both backends: the outputs are allocated from
+// target_logits' shape alone (never from data, so it is capture-safe) on its
+// device, then filled by the backend's fused_verify_out. The _out
+// implementation is a template argument so that each backend registers
+// fused_verify_functional<its fused_verify_out> directly.
+template <auto write_outputs>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_verify_functional(
+    const at::Tensor& target_logits, const at::Tensor& candidates, const at::Tensor& parents,
+    const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
+    const at::Tensor& uniforms, const std::optional<at::Tensor>& draft_probs) {
+  check_fused_verify_args(target_logits, candidates, parents, temperature, top_k, top_p,
+                          uniforms, draft_probs);
+  const int64_t batch = target_logits.size(0), nodes = target_logits.size(1);
+  const auto opts = target_logits.options().dtype(at::kLong);
+  at::Tensor out_tokens = at::empty({batch, nodes}, opts);
+  at::Tensor accepted_nodes = at::empty({batch, nodes}, opts);
+  at::Tensor num_accepted = at::empty({batch}, opts);
+  write_outputs(target_logits, candidates, parents, temperature, top_k, top_p, uniforms,
+                draft_probs, out_tokens, accepted_nodes, num_accepted);
+  return {out_tokens, accepted_nodes, num_accepted};
 }
 
 }  // namespace heterospec

@@ -3,8 +3,10 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <cstdint>
+#include <tuple>
 
 #include "check.h"
 
@@ -61,5 +63,27 @@ inline void check_stratify_outputs(const at::Tensor& parents, const at::Tensor& 
 }
 
 #undef HX_CHECK_STRATIFY_OUT
+
+// The functional stratify of both backends: the outputs are allocated from the
+// input shapes alone (never from data, so it is capture-safe) on parents'
+// device, then filled by the backend's stratify_out. The _out implementation
+// is a template argument so that each backend registers
+// stratify_functional<its stratify_out> directly.
+template <auto write_outputs>
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stratify_functional(
+    const at::Tensor& step_entropy, const at::Tensor& confidence, const at::Tensor& parents,
+    const at::Tensor& thresholds, const at::Tensor& policy) {
+  check_stratify_args(step_entropy, confidence, parents, thresholds, policy);
+  const int64_t batch = parents.size(0);
+  const auto i64 = parents.options().dtype(at::kLong);
+  at::Tensor path_entropy = at::empty({batch}, parents.options().dtype(at::kFloat));
+  at::Tensor pstar = at::empty({batch}, i64);
+  at::Tensor stratum = at::empty({batch}, i64);
+  at::Tensor extra_depth = at::empty({batch}, i64);
+  at::Tensor top_n = at::empty({batch}, i64);
+  write_outputs(step_entropy, confidence, parents, thresholds, policy, path_entropy, pstar,
+                stratum, extra_depth, top_n);
+  return {path_entropy, pstar, stratum, extra_depth, top_n};
+}
 
 }  // namespace heterospec

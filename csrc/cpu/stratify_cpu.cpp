@@ -99,34 +99,10 @@ void stratify_out_cpu(const at::Tensor& step_entropy_in, const at::Tensor& confi
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stratify_cpu(
-    const at::Tensor& step_entropy, const at::Tensor& confidence, const at::Tensor& parents,
-    const at::Tensor& thresholds, const at::Tensor& policy) {
-  check_stratify_args(step_entropy, confidence, parents, thresholds, policy);
-  const int64_t batch = parents.size(0);
-  const auto i64 = parents.options().dtype(at::kLong);
-  at::Tensor path_entropy = at::empty({batch}, parents.options().dtype(at::kFloat));
-  at::Tensor pstar = at::empty({batch}, i64);
-  at::Tensor stratum = at::empty({batch}, i64);
-  at::Tensor extra_depth = at::empty({batch}, i64);
-  at::Tensor top_n = at::empty({batch}, i64);
-  stratify_out_cpu(step_entropy, confidence, parents, thresholds, policy, path_entropy, pstar,
-                   stratum, extra_depth, top_n);
-  return {path_entropy, pstar, stratum, extra_depth, top_n};
-}
-
-void stratify_out_cpu_op(const at::Tensor& step_entropy, const at::Tensor& confidence,
-                         const at::Tensor& parents, const at::Tensor& thresholds,
-                         const at::Tensor& policy, at::Tensor path_entropy, at::Tensor pstar,
-                         at::Tensor stratum, at::Tensor extra_depth, at::Tensor top_n) {
-  stratify_out_cpu(step_entropy, confidence, parents, thresholds, policy, path_entropy, pstar,
-                   stratum, extra_depth, top_n);
-}
-
 }  // namespace
 }  // namespace heterospec
 
 TORCH_LIBRARY_IMPL(heterospec, CPU, m) {
-  m.impl("stratify", &heterospec::stratify_cpu);
-  m.impl("stratify_out", &heterospec::stratify_out_cpu_op);
+  m.impl("stratify", &heterospec::stratify_functional<heterospec::stratify_out_cpu>);
+  m.impl("stratify_out", &heterospec::stratify_out_cpu);
 }

@@ -57,46 +57,10 @@ void build_tree_out_cuda(const at::Tensor& pool_parents_in, const at::Tensor& po
               " bytes of shared memory per block): ", cudaGetErrorString(err));
 }
 
-using TreeTuple = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                             at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-
-TreeTuple build_tree_cuda(const at::Tensor& pool_parents, const at::Tensor& pool_scores,
-                          const at::Tensor& pool_tokens, const at::Tensor& top_n,
-                          int64_t n_max) {
-  check_build_tree_args(pool_parents, pool_scores, pool_tokens, top_n, n_max);
-  const int64_t batch = pool_parents.size(0);
-  const auto i64 = pool_parents.options().dtype(at::kLong);
-  at::Tensor selected = at::empty({batch, n_max}, i64);
-  at::Tensor tokens = at::empty({batch, n_max}, i64);
-  at::Tensor parents = at::empty({batch, n_max}, i64);
-  at::Tensor depth = at::empty({batch, n_max}, i64);
-  at::Tensor mask = at::empty({batch, n_max, n_max}, pool_parents.options().dtype(at::kBool));
-  at::Tensor packed_mask = at::empty({batch, n_max, core::packed_mask_words(n_max)},
-                                     pool_parents.options().dtype(at::kInt));
-  at::Tensor first_child = at::empty({batch, n_max}, i64);
-  at::Tensor next_sibling = at::empty({batch, n_max}, i64);
-  at::Tensor retrieve = at::empty({batch, n_max, n_max}, i64);
-  at::Tensor num_nodes = at::empty({batch}, i64);
-  build_tree_out_cuda(pool_parents, pool_scores, pool_tokens, top_n, selected, tokens, parents,
-                      depth, mask, packed_mask, first_child, next_sibling, retrieve, num_nodes);
-  return {selected, tokens, parents, depth, mask, packed_mask,
-          first_child, next_sibling, retrieve, num_nodes};
-}
-
-void build_tree_out_cuda_op(const at::Tensor& pool_parents, const at::Tensor& pool_scores,
-                            const at::Tensor& pool_tokens, const at::Tensor& top_n,
-                            at::Tensor selected, at::Tensor tokens, at::Tensor parents,
-                            at::Tensor depth, at::Tensor mask, at::Tensor packed_mask,
-                            at::Tensor first_child, at::Tensor next_sibling,
-                            at::Tensor retrieve, at::Tensor num_nodes) {
-  build_tree_out_cuda(pool_parents, pool_scores, pool_tokens, top_n, selected, tokens, parents,
-                      depth, mask, packed_mask, first_child, next_sibling, retrieve, num_nodes);
-}
-
 }  // namespace
 }  // namespace heterospec
 
 TORCH_LIBRARY_IMPL(heterospec, CUDA, m) {
-  m.impl("build_tree", &heterospec::build_tree_cuda);
-  m.impl("build_tree_out", &heterospec::build_tree_out_cuda_op);
+  m.impl("build_tree", &heterospec::build_tree_functional<heterospec::build_tree_out_cuda>);
+  m.impl("build_tree_out", &heterospec::build_tree_out_cuda);
 }

@@ -70,32 +70,11 @@ void draft_topk_entropy_out_cuda(const at::Tensor& logits, int64_t k, double tem
               cudaGetErrorString(err));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> draft_topk_entropy_cuda(
-    const at::Tensor& logits, int64_t k, double temperature) {
-  check_draft_topk_entropy_args(logits, k, temperature);
-  const int64_t rows = logits.size(0);
-  const auto f32 = logits.options().dtype(at::kFloat);
-  at::Tensor topk_logprobs = at::empty({rows, k}, f32);
-  at::Tensor topk_ids = at::empty({rows, k}, logits.options().dtype(at::kLong));
-  at::Tensor topk_entropy = at::empty({rows}, f32);
-  at::Tensor entropy = at::empty({rows}, f32);
-  at::Tensor logsumexp = at::empty({rows}, f32);
-  draft_topk_entropy_out_cuda(logits, k, temperature, topk_logprobs, topk_ids, topk_entropy,
-                              entropy, logsumexp);
-  return {topk_logprobs, topk_ids, topk_entropy, entropy, logsumexp};
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(heterospec, CUDA, m) {
-  m.impl("draft_topk_entropy", &draft_topk_entropy_cuda);
-  m.impl("draft_topk_entropy_out",
-         [](const at::Tensor& logits, int64_t k, double temperature, at::Tensor topk_logprobs,
-            at::Tensor topk_ids, at::Tensor topk_entropy, at::Tensor entropy,
-            at::Tensor logsumexp) {
-           draft_topk_entropy_out_cuda(logits, k, temperature, topk_logprobs, topk_ids,
-                                       topk_entropy, entropy, logsumexp);
-         });
+  m.impl("draft_topk_entropy", &draft_topk_entropy_functional<draft_topk_entropy_out_cuda>);
+  m.impl("draft_topk_entropy_out", &draft_topk_entropy_out_cuda);
 }
 
 }  // namespace heterospec

@@ -110,26 +110,11 @@ void fused_verify_out_cuda(const at::Tensor& target_logits, const at::Tensor& ca
   if (!num.is_same(num_accepted)) num_accepted.copy_(num);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> fused_verify_cuda(
-    const at::Tensor& target_logits, const at::Tensor& candidates, const at::Tensor& parents,
-    const at::Tensor& temperature, const at::Tensor& top_k, const at::Tensor& top_p,
-    const at::Tensor& uniforms, const std::optional<at::Tensor>& draft_probs) {
-  check_fused_verify_args(target_logits, candidates, parents, temperature, top_k, top_p,
-                          uniforms, draft_probs);
-  const int64_t batch = target_logits.size(0), nodes = target_logits.size(1);
-  const auto opts = target_logits.options().dtype(at::kLong);
-  at::Tensor out_tokens = at::empty({batch, nodes}, opts);
-  at::Tensor accepted_nodes = at::empty({batch, nodes}, opts);
-  at::Tensor num_accepted = at::empty({batch}, opts);
-  fused_verify_out_cuda(target_logits, candidates, parents, temperature, top_k, top_p, uniforms,
-                        draft_probs, out_tokens, accepted_nodes, num_accepted);
-  return {out_tokens, accepted_nodes, num_accepted};
-}
-
 }  // namespace
 }  // namespace heterospec
 
 TORCH_LIBRARY_IMPL(heterospec, CUDA, m) {
-  m.impl("fused_verify", &heterospec::fused_verify_cuda);
+  m.impl("fused_verify",
+         &heterospec::fused_verify_functional<heterospec::fused_verify_out_cuda>);
   m.impl("fused_verify_out", &heterospec::fused_verify_out_cuda);
 }

@@ -36,34 +36,10 @@ void stratify_out_cuda(const at::Tensor& step_entropy_in, const at::Tensor& conf
   TORCH_CHECK(err == cudaSuccess, "stratify: CUDA launch failed: ", cudaGetErrorString(err));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> stratify_cuda(
-    const at::Tensor& step_entropy, const at::Tensor& confidence, const at::Tensor& parents,
-    const at::Tensor& thresholds, const at::Tensor& policy) {
-  check_stratify_args(step_entropy, confidence, parents, thresholds, policy);
-  const int64_t batch = parents.size(0);
-  const auto i64 = parents.options().dtype(at::kLong);
-  at::Tensor path_entropy = at::empty({batch}, parents.options().dtype(at::kFloat));
-  at::Tensor pstar = at::empty({batch}, i64);
-  at::Tensor stratum = at::empty({batch}, i64);
-  at::Tensor extra_depth = at::empty({batch}, i64);
-  at::Tensor top_n = at::empty({batch}, i64);
-  stratify_out_cuda(step_entropy, confidence, parents, thresholds, policy, path_entropy, pstar,
-                    stratum, extra_depth, top_n);
-  return {path_entropy, pstar, stratum, extra_depth, top_n};
-}
-
-void stratify_out_cuda_op(const at::Tensor& step_entropy, const at::Tensor& confidence,
-                          const at::Tensor& parents, const at::Tensor& thresholds,
-                          const at::Tensor& policy, at::Tensor path_entropy, at::Tensor pstar,
-                          at::Tensor stratum, at::Tensor extra_depth, at::Tensor top_n) {
-  stratify_out_cuda(step_entropy, confidence, parents, thresholds, policy, path_entropy, pstar,
-                    stratum, extra_depth, top_n);
-}
-
 }  // namespace
 }  // namespace heterospec
 
 TORCH_LIBRARY_IMPL(heterospec, CUDA, m) {
-  m.impl("stratify", &heterospec::stratify_cuda);
-  m.impl("stratify_out", &heterospec::stratify_out_cuda_op);
+  m.impl("stratify", &heterospec::stratify_functional<heterospec::stratify_out_cuda>);
+  m.impl("stratify_out", &heterospec::stratify_out_cuda);
 }
