@@ -101,6 +101,8 @@ def fused_verify(
     differ only in summation order, so decisions can differ only when a uniform lies within
     rounding distance of a threshold. The shared scalar rules live in
     ``csrc/core/fused_verify.h``.
+
+    CUDA limits (a ``RuntimeError`` beyond them): ``N <= 4096`` tree nodes and ``V <= 2**23``.
     """
     temperature, top_k, top_p = sampling_params(target_logits, temperature, top_k, top_p)
     if uniforms is None:
