@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import heterospec_ext as hx
+from heterospec_ext.testing import eagle_pool
 
 K, DEPTH = 10, 7
 POOL = 1 + K + DEPTH * K * K  # 711
@@ -16,18 +17,7 @@ N_MAX, TOP_N = 64, 60
 
 def eagle_inputs(batch, device, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    parents = torch.full((batch, POOL), -1, dtype=torch.int64)
-    scores = torch.zeros(batch, POOL)
-    scores[:, 1:1 + K] = torch.log_softmax(torch.randn(batch, 50, generator=gen) * 2, -1).topk(K).values
-    parents[:, 1:1 + K] = 0
-    frontier = torch.arange(1, 1 + K).expand(batch, K)
-    for level in range(1, DEPTH + 1):
-        base = 1 + K + (level - 1) * K * K
-        logp = torch.log_softmax(torch.randn(batch, K, 50, generator=gen) * 2, -1).topk(K).values
-        level_scores = (scores.gather(1, frontier)[:, :, None] + logp).reshape(batch, K * K)
-        parents[:, base:base + K * K] = frontier.repeat_interleave(K, dim=1)
-        scores[:, base:base + K * K] = level_scores
-        frontier = base + level_scores.topk(K, dim=1).indices
+    parents, scores = eagle_pool(batch, K, DEPTH, gen)
     tokens = torch.randint(0, 128256, (batch, POOL), generator=gen)
     top_n = torch.full((batch,), TOP_N, dtype=torch.int64)
     return [t.to(device) for t in (parents, scores, tokens, top_n)]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import heterospec_ext as hx
+from heterospec_ext.testing import eagle_pool
 from heterospec_ext import reference as ref
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -70,25 +71,6 @@ def make_scores(parents, style, gen):
         scores[(u >= 0.3) & (u < 0.35)] = float("inf")
         return scores
     raise ValueError(style)
-
-
-def eagle_pool(batch, k, depth, gen):
-    """EAGLE-2 layout: root, k level-0 nodes, then per level k frontier nodes x k children."""
-    num = 1 + k + depth * k * k
-    parents = torch.full((batch, num), -1, dtype=torch.int64)
-    scores = torch.zeros(batch, num)
-    scores[:, 1:1 + k] = torch.log_softmax(torch.randn(batch, 50, generator=gen) * 2,
-                                           -1).topk(k).values
-    parents[:, 1:1 + k] = 0
-    frontier = torch.arange(1, 1 + k).expand(batch, k)
-    for level in range(1, depth + 1):
-        base = 1 + k + (level - 1) * k * k
-        logp = torch.log_softmax(torch.randn(batch, k, 50, generator=gen) * 2, -1).topk(k).values
-        level_scores = (scores.gather(1, frontier)[:, :, None] + logp).reshape(batch, k * k)
-        parents[:, base:base + k * k] = frontier.repeat_interleave(k, dim=1)
-        scores[:, base:base + k * k] = level_scores
-        frontier = base + level_scores.topk(k, dim=1).indices
-    return parents, scores
 
 
 def random_top_n(batch, num_pool, n_max, gen):
