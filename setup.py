@@ -109,6 +109,9 @@ setup(
     packages=find_packages(include=["heterospec_ext", "heterospec_ext.*"])
     + find_packages(where="python"),
     package_dir={"heterospec": "python/heterospec"} if os.path.isdir("python/heterospec") else {},
+    # the shipped policies and the trained SmolLM2 draft head travel with the package
+    package_data={"heterospec": ["policies/*.json", "heads/*/*.json", "heads/*/*.safetensors",
+                                 "heads/*/*.md", "requirements-driver.txt"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": _BuildExtension},
     entry_points={"console_scripts": ["heterospec=heterospec.cli:main"]}

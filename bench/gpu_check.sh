@@ -3,7 +3,9 @@
 #   1. builds the CUDA extension in place (sm_90 only, to keep it short),
 #   2. runs the test suite (every test on cpu and cuda) and the CUDA-graph test,
 #   3. runs compute-sanitizer memcheck over a short script calling every op on CUDA,
-#   4. measures the copy bandwidth and benchmarks every op against its composition.
+#   4. measures the copy bandwidth and benchmarks every op against its composition,
+#   5. times one driver draft+verify cycle per tree size, eager vs CUDA-graph replay
+#      (bench/bench_cycle_graphs.py, a random model with the Llama-3.1-8B config, ~1 min).
 # Prints the benchmark table last and writes everything under $OUT (or ./out).
 # Usage: bash bench/gpu_check.sh [--all]   (--all: also the CPU-parametrised tests)
 set -uo pipefail
@@ -64,5 +66,10 @@ fi
 
 step "benchmarks"
 timeout 100 $PY bench/gpu_bench.py --replays 7 --out "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.log" | grep -v '^{' || status=1
+
+step "driver CUDA graphs: draft+verify cycle by tree size (random Llama-3.1-8B config, bf16)"
+# Appended to gpu_bench.log (rows and the full results as JSON lines, then the table): $OUT
+# already holds the 8 files the device tool returns.
+timeout 150 $PY bench/bench_cycle_graphs.py --out - 2>&1 | tee -a "$OUT/gpu_bench.log" | grep -v '^{' || status=1
 echo "gpu_check status=$status" | tee -a "$LOG"
 exit $status

@@ -76,3 +76,34 @@ def test_fp32_self_draft_lossless(smollm):
     assert res.token_ids == refs[pid]
     assert res.stats.tau > 4.0
     assert_cache_matches_fresh(target, drafter.cache, gen.committed, atol=2e-3)
+
+
+# ----------------------------------------------------------------------------- the shipped head
+# The EAGLE-3 head trained with `heterospec train-draft` for SmolLM2 (python/heterospec/heads).
+
+EAGLE3_CONFIGS = [
+    ("static d3 k8 N6 (tuned)", lambda: hs.StaticTree(depth=3, top_k=8, total_tokens=6)),
+    ("static d5 k8 N24", lambda: hs.StaticTree(depth=5, top_k=8, total_tokens=24)),
+    ("heterospec shipped", lambda: hs.load_policy(hs.EAGLE3_POLICY_FILE)),
+    ("heterospec forced stratum 0",
+     lambda: hs.HeteroSpec(depth=4, top_k=6, total_tokens=16, thresholds=[1e9] * 7)),
+]
+
+
+@pytest.mark.parametrize("name,make", EAGLE3_CONFIGS, ids=[c[0] for c in EAGLE3_CONFIGS])
+def test_shipped_eagle3_head_lossless(smollm, name, make):
+    from heterospec.eagle3 import SHIPPED_HEAD_DIR, Eagle3Drafter
+
+    target, _, prompts, refs = smollm
+    policy = make()
+    drafter = Eagle3Drafter.from_pretrained(SHIPPED_HEAD_DIR, target, top_k=policy.top_k)
+    gen = hs.SpeculativeGenerator(target, drafter, policy)
+    taus = []
+    for pid, ids in prompts:
+        res = gen.generate(ids, NEW)
+        assert res.token_ids == refs[pid], (name, pid)
+        taus.append(res.stats.tau)
+        assert_cache_matches_fresh(target, gen.cache, gen.committed, atol=2e-3)
+    # the trained head really predicts the target: a random head's candidates are almost never
+    # accepted (tau ~1.0); the trained one measured tau 1.5-1.9 on these prompts
+    assert sum(taus) / len(taus) > 1.3, taus

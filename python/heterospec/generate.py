@@ -163,7 +163,14 @@ class SpeculativeGenerator:
     forward over root + tree; ``fused_verify``; compaction of both KV caches. Every per-token
     step goes through the public heterospec_ext ops."""
 
-    def __init__(self, target: CausalLM, drafter: Drafter, policy: StaticTree):
+    def __init__(self, target: CausalLM, drafter: Drafter, policy: StaticTree, *,
+                 static_cache: bool = False, cuda_graphs: bool = False, max_len: int = 2048):
+        """``static_cache``: keep the target's KV cache in a preallocated
+        :class:`~heterospec.static_cache.StaticTreeCache` of ``max_len`` entries (fixed-shape
+        forwards; runs eagerly, CPU included). ``cuda_graphs``: the same cache, plus the tree
+        forward captured once per tree size the policy can produce and replayed (CUDA only;
+        the capture happens here). A request needs ``prompt + max_new_tokens + policy.n_max``
+        entries. The default is the dynamic cache."""
         check_same_vocab(target, drafter)
         if drafter.top_k != policy.top_k:
             raise GenerationConfigError(
@@ -171,6 +178,17 @@ class SpeculativeGenerator:
         self.target = target
         self.drafter = drafter
         self.policy = policy
+        self.max_len = max_len
+        # the static-shape verifier (StaticTreeCache or GraphedTarget); None = dynamic cache
+        self.verifier = None
+        if cuda_graphs:
+            from .cuda_graphs import GraphedTarget, tree_sizes
+
+            self.verifier = GraphedTarget(target, max_len, tree_sizes(policy))
+        elif static_cache:
+            from .static_cache import StaticTreeCache
+
+            self.verifier = StaticTreeCache(target, max_len)
         # hooks the tests use to plant bugs or observe cycles
         self.verify_fn = hx.fused_verify
         self.on_cycle: Optional[Callable[[dict], None]] = None
@@ -196,11 +214,23 @@ class SpeculativeGenerator:
         temperature, top_k, top_p = hx.ops.fused_verify.sampling_params(
             torch.empty(1, 1, device=dev), float(sampling.temperature), int(sampling.top_k),
             float(sampling.top_p))
+        verifier = self.verifier
+        if verifier is not None and ids.numel() + max_new_tokens + policy.n_max > self.max_len:
+            raise GenerationConfigError(
+                f"prompt ({ids.numel()} tokens) + max_new_tokens ({max_new_tokens}) + the "
+                f"policy's largest tree ({policy.n_max}) exceed the static KV cache's "
+                f"max_len={self.max_len}; build the generator with a larger max_len")
         calls0 = target.forward_calls
         t0 = clock()
-        cache = target.new_cache()
-        if ids.numel() > 1:
-            target.causal_forward(ids[:-1], cache, last_only=True)
+        if verifier is None:
+            cache = target.new_cache()
+            if ids.numel() > 1:
+                target.causal_forward(ids[:-1], cache, last_only=True)
+        else:
+            verifier.reset()
+            cache = verifier.cache
+            if ids.numel() > 1:
+                verifier.prefill(ids[:-1])
         if drafter.uses_target_hidden:
             # EAGLE-3: the prompt's captured target hidden states, rows of ids[:-1]
             drafter.reset(ids, target_hidden=target.captured_hidden if ids.numel() > 1 else None)
@@ -228,8 +258,12 @@ class SpeculativeGenerator:
             n = int(tree.num_nodes[0])
             tokens, parents = tree.tokens[:, :n], tree.parents[:, :n]
             tv = clock()
-            prefix = cache_length(cache)
-            logits = target.tree_forward(tokens[0], tree.depth[0, :n], tree.mask[0, :n, :n], cache)
+            if verifier is None:
+                prefix = cache_length(cache)
+                logits = target.tree_forward(tokens[0], tree.depth[0, :n], tree.mask[0, :n, :n],
+                                             cache)
+            else:
+                logits = verifier.tree_forward(tokens[0], tree.depth[0, :n], tree.mask[0, :n, :n])
             stats.verify_time_s += clock() - tv
             uniforms = torch.rand((1, n), generator=gen).to(dev)
             res = self.verify_fn(logits[None], tokens, parents, temperature=temperature,
@@ -237,7 +271,10 @@ class SpeculativeGenerator:
             a = int(res.num_accepted[0])
             nodes = res.accepted_nodes[0, :a + 1]
             new = res.out_tokens[0, :a + 1].tolist()
-            compact_cache(cache, prefix, prefix + nodes)
+            if verifier is None:
+                compact_cache(cache, prefix, prefix + nodes)
+            else:
+                verifier.compact(res.accepted_nodes[0], res.num_accepted[0])
             tc = clock()
             if drafter.uses_target_hidden:
                 # rows of root + accepted nodes: the target states that precede each new token

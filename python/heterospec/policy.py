@@ -27,8 +27,10 @@ from .errors import GenerationConfigError, PolicyFileError
 
 POLICY_FORMAT = "heterospec-policy"
 POLICY_VERSION = 1
-DEFAULT_POLICY_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "policies",
-                                   "smollm2-135m-int8.json")
+POLICY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "policies")
+DEFAULT_POLICY_FILE = os.path.join(POLICY_DIR, "smollm2-135m-int8.json")
+# fitted for SmolLM2-135M-Instruct with the shipped trained EAGLE-3 head (heads/)
+EAGLE3_POLICY_FILE = os.path.join(POLICY_DIR, "smollm2-135m-eagle3.json")
 
 
 def _check_tree(depth: int, top_k: int, total_tokens: int):
@@ -82,6 +84,8 @@ class HeteroSpec(StaticTree):
     entropy_topk: Optional[int] = None
     name: str = "heterospec"
     source: Optional[str] = None
+    # False: the ablation "+extended depth" (DED) alone; every stratum verifies total_tokens
+    prune_top_n: bool = True
 
     def __post_init__(self):
         super().__post_init__()
@@ -98,6 +102,8 @@ class HeteroSpec(StaticTree):
         self.thresholds_t = torch.tensor(thr, dtype=torch.float32)
         self.policy_t = hx.make_policy(self.depth, self.total_tokens - 1, alpha=self.alpha,
                                        gammas=tuple(self.gammas), num_strata=len(thr) + 1)
+        if not self.prune_top_n:
+            self.policy_t[:, 1] = self.total_tokens
 
     @property
     def adaptive(self) -> bool:
@@ -118,7 +124,8 @@ class HeteroSpec(StaticTree):
     def describe(self) -> dict:
         d = super().describe()
         d.update({"thresholds": self.thresholds, "alpha": self.alpha, "gammas": list(self.gammas),
-                  "policy": self.policy_t.tolist(), "source": self.source})
+                  "policy": self.policy_t.tolist(), "source": self.source,
+                "prune_top_n": self.prune_top_n})
         return d
 
     def to_json(self, **provenance) -> dict:
@@ -167,11 +174,12 @@ def save_policy(policy: HeteroSpec, path: str, **provenance) -> None:
         fh.write("\n")
 
 
-def resolve_policy(spec: str, **tree) -> StaticTree:
-    """``static``, ``heterospec`` (the shipped default JSON) or a path to a policy JSON."""
+def resolve_policy(spec: str, default_file: str = DEFAULT_POLICY_FILE, **tree) -> StaticTree:
+    """``static`` (EAGLE defaults unless overridden), ``heterospec`` (``default_file``: the
+    shipped policy of the draft) or a path to a policy JSON."""
     tree = {k: v for k, v in tree.items() if v is not None}
     if spec == "static":
         return StaticTree(**tree)
     if spec == "heterospec":
-        return load_policy(DEFAULT_POLICY_FILE, **tree)
+        return load_policy(default_file, **tree)
     return load_policy(spec, **tree)

@@ -63,16 +63,22 @@ def load_prompts(name: str, n: int, offset: int = 0) -> List[dict]:
         return [{"set": name, "id": f"mtbench/{r['question_id']}", "text": r["turns"][0],
                  "chat": True} for r in rows]
     if name == "sharegpt":
-        convs = sharegpt_conversations(limit=offset + n * 3)
-        out = []
-        for c in convs[offset:]:
-            turns = c.get("conversations") or []
-            if turns and turns[0].get("from") == "human" and turns[0].get("value", "").strip():
-                out.append({"set": name, "id": f"sharegpt/{c.get('id')}",
-                            "text": turns[0]["value"], "chat": True})
-            if len(out) == n:
-                break
-        return out
+        # about 2 in 3 conversations start with a human turn, but long runs start with "gpt":
+        # read further until n prompts are found or the file ends
+        want = offset + n * 3
+        while True:
+            convs = sharegpt_conversations(limit=want)
+            out = []
+            for c in convs[offset:]:
+                turns = c.get("conversations") or []
+                if turns and turns[0].get("from") == "human" and turns[0].get("value", "").strip():
+                    out.append({"set": name, "id": f"sharegpt/{c.get('id')}",
+                                "text": turns[0]["value"], "chat": True})
+                if len(out) == n:
+                    return out
+            if len(convs) < want:
+                return out
+            want *= 2
     raise ValueError(f"unknown prompt set {name!r}; choose from {SETS + ('sharegpt',)}")
 
 

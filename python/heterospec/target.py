@@ -100,6 +100,9 @@ class CausalLM:
         else:
             raise UnsupportedModelError(f"{name} ({type(model).__name__}) takes no KV cache argument")
         self._accepts_logits_to_keep = "logits_to_keep" in params
+        # Older transformers derive cache positions from cache.get_seq_length() when none are
+        # given: a host read that a static cache under CUDA-graph capture must not see.
+        self._accepts_cache_position = "cache_position" in params
         first = next(model.parameters())
         self.device = first.device
         self.dtype = first.dtype if first.is_floating_point() else torch.float32
@@ -169,12 +172,16 @@ class CausalLM:
     # -- forward
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, cache, position_ids: torch.Tensor,
-                attention_mask: Optional[torch.Tensor] = None, last_only: bool = False):
-        """``input_ids``/``position_ids`` ``[n]`` int64. Returns logits ``[n, V]`` (``[1, V]``
-        with ``last_only``)."""
+                attention_mask: Optional[torch.Tensor] = None, last_only: bool = False,
+                cache_position: Optional[torch.Tensor] = None):
+        """``input_ids``/``position_ids`` ``[n]`` int64; ``cache_position`` ``[n]`` int64 cache
+        slots, passed on only to models whose forward names it. Returns logits ``[n, V]``
+        (``[1, V]`` with ``last_only``)."""
         kwargs = {self._cache_kw: cache, "use_cache": True}
         if last_only and self._accepts_logits_to_keep:
             kwargs["logits_to_keep"] = 1
+        if cache_position is not None and self._accepts_cache_position:
+            kwargs["cache_position"] = cache_position
         out = self.model(input_ids=input_ids[None], position_ids=position_ids[None],
                          attention_mask=attention_mask, **kwargs)
         self.forward_calls += 1

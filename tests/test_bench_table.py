@@ -1,0 +1,63 @@
+"""``heterospec bench``'s Table 1: aggregation over prompts, repeats, sets and temperatures, the
+markdown table, the figure, and the DED ablation policy."""
+import pytest
+
+import heterospec as hs  # noqa: F401  (puts python/ on the path via conftest)
+from heterospec import bench
+from heterospec.policy import HeteroSpec
+
+
+def _run(t, s, p, m, rep, wall, new=10, cycles=5, accepted=5, verified=40, strata=None,
+         identical=True):
+    return {"temperature": t, "set": s, "prompt": p, "method": m, "repeat": rep,
+            "wall_time_s": wall, "prefill_time_s": 0.0, "new_tokens": new, "cycles": cycles,
+            "accepted_tokens": accepted, "verified_tokens": verified, "draft_time_s": 0.2 * wall,
+            "verify_time_s": 0.7 * wall, "overhead_time_s": 0.1 * wall,
+            "stratum_counts": strata or [], "identical_to_ar": identical}
+
+
+def test_aggregate_medians_speedups_and_mean_row():
+    runs = []
+    for rep, (w_ar, w_sp) in enumerate([(2.0, 1.0), (4.0, 0.9), (2.2, 5.0)]):
+        # medians: AR 2.2, HeteroSpec 1.0 on prompt a (the slow repeat is ignored)
+        runs.append(_run(0.0, "x", "a", "ar", rep, w_ar, cycles=10, accepted=0, verified=10))
+        runs.append(_run(0.0, "x", "a", "heterospec", rep, w_sp, strata=[1, 0, 2]))
+    runs.append(_run(0.0, "y", "b", "ar", 0, 3.0, cycles=10, accepted=0, verified=10))
+    runs.append(_run(0.0, "y", "b", "heterospec", 0, 1.0, cycles=4, accepted=6, verified=20,
+                     strata=[0, 4, 0], identical=False))
+    rows = bench.aggregate(runs, ["ar", "heterospec"], ["x", "y"], [0.0])
+    get = {(r["set"], r["method"]): r for r in rows}
+    x = get[("x", "heterospec")]
+    assert x["speedup"] == pytest.approx(2.2)
+    assert x["tau"] == pytest.approx(2.0)  # (5 accepted + 5 cycles) / 5
+    assert x["calls"] == 5 and x["tokens"] == 40 and x["tokens_per_call"] == pytest.approx(8.0)
+    assert x["stratum_counts"] == [1, 0, 2]
+    assert x["draft_share"] == pytest.approx(0.2) and x["overhead_share"] == pytest.approx(0.1)
+    y = get[("y", "heterospec")]
+    assert y["speedup"] == pytest.approx(3.0) and y["tau"] == pytest.approx(2.5)
+    mean = get[("mean", "heterospec")]
+    assert mean["speedup"] == pytest.approx(2.6)  # mean over sets, as the paper averages
+    assert mean["tokens"] == 60 and mean["calls"] == 9
+    assert mean["identical_to_ar"] == 1  # prompt b was not identical
+    assert mean["stratum_counts"] == [1, 4, 2]
+    assert get[("mean", "ar")]["speedup"] == pytest.approx(1.0)
+    table = bench.format_table(rows)
+    assert "| mean | HeteroSpec | 2.60× |" in table
+
+
+def test_sampling_rows_have_no_identity_column_and_figure_is_written(tmp_path):
+    runs = [_run(1.0, "x", "a", "ar", 0, 2.0), _run(1.0, "x", "a", "static", 0, 1.0),
+            _run(0.0, "x", "a", "ar", 0, 2.0), _run(0.0, "x", "a", "static", 0, 1.5)]
+    rows = bench.aggregate(runs, ["ar", "static"], ["x"], [0.0, 1.0])
+    assert all(r["identical_to_ar"] is None for r in rows if r["temperature"] == 1.0)
+    out = tmp_path / "fig.png"
+    bench.plot(rows, str(out), title="t")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ded_ablation_keeps_depths_and_verifies_the_static_n():
+    full = HeteroSpec(depth=5, top_k=6, total_tokens=30)
+    ded = HeteroSpec(depth=5, top_k=6, total_tokens=30, prune_top_n=False)
+    assert ded.policy_t[:, 0].tolist() == full.policy_t[:, 0].tolist()
+    assert ded.policy_t[:, 1].tolist() == [30] * 8
+    assert full.policy_t[0, 1] < 30  # the full policy prunes the lowest stratum
