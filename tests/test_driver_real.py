@@ -107,3 +107,15 @@ def test_shipped_eagle3_head_lossless(smollm, name, make):
     # the trained head really predicts the target: a random head's candidates are almost never
     # accepted (tau ~1.0); the trained one measured tau 1.5-1.9 on these prompts
     assert sum(taus) / len(taus) > 1.3, taus
+
+
+def test_sharegpt_prompts_past_a_run_of_gpt_first_conversations():
+    """Conversations 2000-2008 all start with a "gpt" turn: the loader must read further
+    instead of returning fewer prompts than asked (the calibration and tuning offsets)."""
+    from heterospec.prompts import sharegpt_conversations
+
+    convs = sharegpt_conversations(limit=2009)
+    assert all(c["conversations"][0]["from"] == "gpt" for c in convs[2000:2009])
+    got = load_prompts("sharegpt", 3, offset=2000)
+    assert len(got) == 3
+    assert len({p["id"] for p in got}) == 3 and all(p["chat"] and p["text"].strip() for p in got)
