@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from test_driver_support import assert_cache_matches_fresh, tiny_llama
+from test_driver_support import assert_cache_matches_fresh, one_thread, tiny_llama  # noqa: F401
 
 import heterospec as hs  # noqa: E402
 from heterospec.eagle3 import Eagle3Drafter  # noqa: E402
@@ -85,14 +85,6 @@ def save_head(path, cfg, state, fmt="safetensors"):
     else:
         torch.save(state, os.path.join(path, "pytorch_model.bin"))
     return str(path)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

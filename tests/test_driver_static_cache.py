@@ -3,9 +3,9 @@ graphs capture, checked against the dynamic-cache driver, a plain forward and by
 import pytest
 import torch
 
-from test_driver_support import tiny_llama
-# the tiny target/draft pair, one intra-op thread, and the cache-free greedy reference
-from test_driver_tiny import one_thread, pair, reference_greedy  # noqa: F401  (fixtures)
+from test_driver_support import one_thread, tiny_llama  # noqa: F401  (one_thread: a fixture)
+# the tiny target/draft pair and the cache-free greedy reference
+from test_driver_tiny import pair, reference_greedy  # noqa: F401  (fixtures)
 
 import heterospec as hs  # noqa: E402
 from heterospec.static_cache import StaticTreeCache  # noqa: E402

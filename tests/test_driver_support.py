@@ -3,6 +3,7 @@ the driver runs on the real heterospec kernels."""
 import math
 import os
 
+import pytest
 import torch
 
 import heterospec_ext  # noqa: F401  (registers the schemas)
@@ -62,6 +63,16 @@ def tiny_llama(vocab=32, seed=0, layers=2, hidden=32, logit_scale=1.0):
     with torch.no_grad():
         model.lm_head.weight.mul_(logit_scale)
     return model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny matmuls only lose from intra-op threads (and CI's 2 cores are shared). Import it
+    into a test module to apply it there (it is autouse within the importing module)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 class FakeTokenizer:

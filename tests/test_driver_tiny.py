@@ -8,22 +8,13 @@ import pytest
 import torch
 
 from test_driver_support import (FakeTokenizer, _processed_probs, assert_cache_matches_fresh,
-                                 tiny_llama)
+                                 one_thread, tiny_llama)  # noqa: F401  (one_thread: a fixture)
 
 
 import heterospec as hs  # noqa: E402
 import heterospec_ext as hx  # noqa: E402
 
 VOCAB = 32
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls only lose from intra-op threads (and CI's 2 cores are shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -7,11 +7,11 @@ import os
 import pytest
 import torch
 
-from test_driver_support import tiny_llama
+from test_driver_support import one_thread, tiny_llama  # noqa: F401  (one_thread: a fixture)
 
 import heterospec as hs  # noqa: E402
 from heterospec import train_draft as td  # noqa: E402
-from heterospec.eagle3 import Eagle3Drafter, Eagle3Head, load_eagle3_config  # noqa: E402
+from heterospec.eagle3 import Eagle3Drafter, Eagle3Head, eagle3_config  # noqa: E402
 
 VOCAB, LAYERS = 48, 8  # 8 layers: EAGLE-3's default capture layers (2, 4, 5) are distinct
 
@@ -56,13 +56,9 @@ def _conversations(n, seed=0):
     return convs
 
 
-def _head(target, draft_ids, tmp_path, seed=1):
+def _head(target, draft_ids, seed=1):
     layers = [2, LAYERS // 2, LAYERS - 3]
-    cfg = td.head_config(target, int(draft_ids.numel()), layers)
-    d = tmp_path / "cfg"
-    d.mkdir(exist_ok=True)
-    (d / "config.json").write_text(json.dumps(cfg))
-    head = Eagle3Head(load_eagle3_config(str(d)))
+    head = Eagle3Head(eagle3_config(td.head_config(target, int(draft_ids.numel()), layers)))
     td.init_head(head, target, draft_ids)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # every weight matters in the comparison, not only the init
@@ -76,7 +72,7 @@ def test_ttt_unroll_matches_inference_tree_chain(tmp_path):
     g = torch.Generator().manual_seed(3)
     seq = torch.randint(3, VOCAB, (23,), generator=g).tolist()
     draft_ids = torch.arange(3, VOCAB, 2)
-    head, layers = _head(target, draft_ids, tmp_path)
+    head, layers = _head(target, draft_ids)
     data = td.target_pass(target, [seq], layers, str(tmp_path / "cache"), "tiny")
     tokens = data["tokens"].long()[None]
     states = data["states"].float()[None]
@@ -107,7 +103,7 @@ def test_ttt_unroll_rejects_a_wrong_chain(tmp_path):
     """The comparison above can fail: feeding the step-k node the token one step early differs."""
     target = _target()
     seq = torch.randint(3, VOCAB, (15,), generator=torch.Generator().manual_seed(4)).tolist()
-    head, layers = _head(target, torch.arange(3, VOCAB), tmp_path)
+    head, layers = _head(target, torch.arange(3, VOCAB))
     data = td.target_pass(target, [seq], layers, str(tmp_path / "cache"), "tiny")
     tokens, states = data["tokens"].long()[None], data["states"].float()[None]
     embed = target.model.get_input_embeddings()
@@ -132,7 +128,6 @@ def test_choose_draft_vocab_frequency_ties_and_specials():
 
 
 def test_train_draft_loss_falls_and_checkpoint_decodes_exactly(tmp_path):
-    torch.set_num_threads(1)
     target = _target(logit_scale=30.0)
     cfg = td.TrainConfig(max_tokens=2500, max_len=96, draft_vocab=32, epochs=4, ttt_steps=2,
                          batch_tokens=256, lr=3e-3, warmup_steps=4, save_dtype="float32")

@@ -44,6 +44,7 @@ def _hf_assisted(target, draft_model, ids, max_new_tokens):
 
 
 def _methods(args, target, drafter, policy):
+    from .errors import GenerationConfigError
     from .generate import SpeculativeGenerator
     from .policy import HeteroSpec, StaticTree
 
@@ -56,13 +57,9 @@ def _methods(args, target, drafter, policy):
             wanted.append("hf_assisted")
     unknown = [m for m in wanted if m not in METHOD_LABELS]
     if unknown:
-        from .errors import GenerationConfigError
-
         raise GenerationConfigError(f"--methods: unknown {unknown}; choose from "
                                     f"{list(METHOD_LABELS)}")
     if ("heterospec" in wanted or "ded" in wanted) and not policy.adaptive:
-        from .errors import GenerationConfigError
-
         raise GenerationConfigError("--methods heterospec/ded need an adaptive --policy "
                                     "(heterospec or a policy JSON), not 'static'")
     gens = {}

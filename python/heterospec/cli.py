@@ -244,6 +244,7 @@ def _cmd_calibrate(args):
 
 def _cmd_train_draft(args):
     torch = _setup_torch(args)
+    from .errors import GenerationConfigError
     from .prompts import sharegpt_conversations
     from .target import load_target
     from .train_draft import TrainConfig, train_draft
@@ -260,8 +261,6 @@ def _cmd_train_draft(args):
         positive.insert(0, "max_tokens")
     for name in positive:
         if getattr(cfg, name) <= 0:
-            from .errors import GenerationConfigError
-
             raise GenerationConfigError(f"--{name.replace('_', '-')} must be > 0, got "
                                         f"{getattr(cfg, name)}")
     target = load_target(args.model, dtype=getattr(torch, args.dtype), device=args.device)
@@ -274,10 +273,8 @@ def _cmd_train_draft(args):
     prov = train_draft(target, convs, args.out, cfg, cache_dir,
                        target_name=os.path.basename(args.model or "SmolLM2-135M-Instruct.Q4_1.gguf"),
                        progress_factory=_progress,
-                       log=lambda s: print(s, file=sys.stderr, flush=True))
-    prov["command"] = "heterospec " + " ".join(sys.argv[1:])
-    with open(os.path.join(args.out, "TRAINING.json"), "w") as f:
-        json.dump(prov, f, indent=1)
+                       log=lambda s: print(s, file=sys.stderr, flush=True),
+                       command="heterospec " + " ".join(sys.argv[1:]))
     print(json.dumps(prov))
     return 0
 

@@ -181,19 +181,11 @@ class Eagle3Head(nn.Module):
         states (``from_target``) or ``[n, H]`` the head's own output states; ``positions`` ``[n]``;
         ``visible`` ``[n, cache.length + n]`` bool (row i may attend to column j). Returns the
         output states ``[n, H]`` (before ``norm``); the cache grows by ``n``."""
-        attn, layer = self.midlayer.self_attn, self.midlayer
-        n = token_ids.numel()
+        attn = self.midlayer.self_attn
         dtype = self.fc.weight.dtype
         emb = self.embed(token_ids).to(dtype)
         g = self.fc(state.to(dtype)) if from_target else state.to(dtype)
-        x = torch.cat((layer.input_layernorm(emb), layer.hidden_norm(g)), dim=-1)[None]
-        q = attn.q_proj(x).view(1, n, attn.heads, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(1, n, attn.kv_heads, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(1, n, attn.kv_heads, attn.head_dim).transpose(1, 2)
-        cos, sin = self.rotary(v, positions[None])
-        cos, sin = cos[:, None], sin[:, None]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
+        q, k, v = self.attention_inputs(emb[None], g[None], positions[None])
         cache.keys = torch.cat((cache.keys, k), dim=2)
         cache.values = torch.cat((cache.values, v), dim=2)
         rep = attn.heads // attn.kv_heads
@@ -202,8 +194,31 @@ class Eagle3Head(nn.Module):
         scores = (q @ keys.transpose(2, 3)) / math.sqrt(attn.head_dim)
         scores = scores.masked_fill(~visible[None, None], torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
-        out = (probs @ values).transpose(1, 2).reshape(1, n, attn.heads * attn.head_dim)
-        g = g + attn.o_proj(out)[0]
+        return self.residual_update(g[None], probs @ values)[0]
+
+    # The two halves of one head pass around the attention itself, shared by ``forward`` (a KV
+    # cache, tree masks) and the training unroll (``train_draft.ttt_forward``), so training and
+    # drafting cannot drift apart.
+    def attention_inputs(self, emb: torch.Tensor, g: torch.Tensor, positions: torch.Tensor):
+        """``emb``/``g`` ``[B, n, H]`` token embeddings and input states, ``positions``
+        ``[B, n]``. Returns q ``[B, heads, n, hd]`` and k, v ``[B, kv_heads, n, hd]``, RoPE
+        applied to q and k."""
+        attn, layer = self.midlayer.self_attn, self.midlayer
+        x = torch.cat((layer.input_layernorm(emb), layer.hidden_norm(g)), dim=-1)
+        b, n = x.shape[:2]
+        q = attn.q_proj(x).view(b, n, attn.heads, attn.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(b, n, attn.kv_heads, attn.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(b, n, attn.kv_heads, attn.head_dim).transpose(1, 2)
+        cos, sin = self.rotary(v, positions)
+        cos, sin = cos[:, None], sin[:, None]
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+
+    def residual_update(self, g: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Output states ``[B, n, H]`` from input states ``g`` ``[B, n, H]`` and the attention
+        output ``[B, heads, n, hd]``: the residual is ``g``, then the MLP block."""
+        layer = self.midlayer
+        b, _, n, _ = attn_out.shape
+        g = g + layer.self_attn.o_proj(attn_out.transpose(1, 2).reshape(b, n, -1))
         return g + layer.mlp(layer.post_attention_layernorm(g))
 
     @torch.inference_mode()
@@ -254,6 +269,13 @@ def load_eagle3_config(path: str):
             raw = json.load(f)
     except (OSError, ValueError) as exc:
         raise DraftCheckpointError(f"{cfg_path} is not valid JSON: {exc}") from None
+    return eagle3_config(raw, cfg_path)
+
+
+def eagle3_config(raw, source: str = "config"):
+    """``transformers.LlamaConfig`` from the dict of an EAGLE-3 config.json (``source`` names it
+    in errors), with ``draft_vocab_size``, ``target_hidden_size`` and ``head_dim`` resolved."""
+    cfg_path = source
     if not isinstance(raw, dict):
         raise DraftCheckpointError(f"{cfg_path} must hold a JSON object")
     need = ("hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",

@@ -39,7 +39,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 import torch
 import torch.nn.functional as F
 
-from .eagle3 import Eagle3Head, _rotate_half, default_capture_layers, load_eagle3_config
+from .eagle3 import Eagle3Head, default_capture_layers, eagle3_config
 from .target import CausalLM
 
 CACHE_VERSION = 1
@@ -312,11 +312,6 @@ def init_head(head: Eagle3Head, target: CausalLM, draft_ids: torch.Tensor,
         head.t2d[draft_ids] = True
 
 
-def _rope(head: Eagle3Head, x: torch.Tensor, positions: torch.Tensor):
-    cos, sin = head.rotary(x, positions)
-    return cos[:, None], sin[:, None]
-
-
 def ttt_forward(head: Eagle3Head, embed_w: torch.Tensor, tokens: torch.Tensor,
                 states: torch.Tensor, steps: int) -> List[torch.Tensor]:
     """Draft-vocabulary logits of every unrolled step, ``steps`` tensors ``[B, T, Vd]``.
@@ -325,26 +320,17 @@ def ttt_forward(head: Eagle3Head, embed_w: torch.Tensor, tokens: torch.Tensor,
     states. Step k, entry j: the step k - 1 output state at entry j (``fc`` of the target state
     of token j for k = 0) with the embedding of token ``min(j + k + 1, T - 1)``, at position
     j + k, attending to the step-0 entries 0..j and to its own steps 1..k at entry j."""
-    attn, layer = head.midlayer.self_attn, head.midlayer
+    attn = head.midlayer.self_attn
     bsz, t = tokens.shape
-    dev = tokens.device
-    nh, nkv, hd = attn.heads, attn.kv_heads, attn.head_dim
-    rep = nh // nkv
-    j = torch.arange(t, device=dev)
+    j = torch.arange(t, device=tokens.device)
     causal = j[None, :] <= j[:, None]                      # [T, T]
-    scale = 1.0 / math.sqrt(hd)
+    rep = attn.heads // attn.kv_heads
+    scale = 1.0 / math.sqrt(attn.head_dim)
     g = head.fc(states)
     keys, values, logits = [], [], []
     for k in range(steps):
-        src = (j + k + 1).clamp(max=t - 1)
-        emb = F.embedding(tokens[:, src], embed_w)
-        x = torch.cat((layer.input_layernorm(emb), layer.hidden_norm(g)), dim=-1)
-        q = attn.q_proj(x).view(bsz, t, nh, hd).transpose(1, 2)
-        kk = attn.k_proj(x).view(bsz, t, nkv, hd).transpose(1, 2)
-        vv = attn.v_proj(x).view(bsz, t, nkv, hd).transpose(1, 2)
-        cos, sin = _rope(head, vv, (j + k)[None].expand(bsz, t))
-        q = q * cos + _rotate_half(q) * sin
-        kk = kk * cos + _rotate_half(kk) * sin
+        emb = F.embedding(tokens[:, (j + k + 1).clamp(max=t - 1)], embed_w)
+        q, kk, vv = head.attention_inputs(emb, g, (j + k)[None].expand(bsz, t))
         keys.append(kk.repeat_interleave(rep, dim=1))
         values.append(vv.repeat_interleave(rep, dim=1))
         s0 = (q @ keys[0].transpose(2, 3)) * scale          # [B, nh, T, T]
@@ -354,9 +340,7 @@ def ttt_forward(head: Eagle3Head, embed_w: torch.Tensor, tokens: torch.Tensor,
         out = probs[..., :t] @ values[0]
         for i in range(1, k + 1):
             out = out + probs[..., t + i - 1: t + i] * values[i]
-        out = out.transpose(1, 2).reshape(bsz, t, nh * hd)
-        g = g + attn.o_proj(out)
-        g = g + layer.mlp(layer.post_attention_layernorm(g))
+        g = head.residual_update(g, out)
         logits.append(head.lm_head(head.norm(g)))
     return logits
 
@@ -503,8 +487,10 @@ def save_head(head: Eagle3Head, config: dict, out_dir: str, dtype: str, provenan
 
 def train_draft(target: CausalLM, conversations: Iterable[dict], out_dir: str, cfg: TrainConfig,
                 cache_dir: str, target_name: str, progress_factory=None,
-                log: Optional[Callable[[str], None]] = None) -> dict:
-    """The whole pipeline; returns the provenance dict also written to ``TRAINING.json``."""
+                log: Optional[Callable[[str], None]] = None,
+                command: Optional[str] = None) -> dict:
+    """The whole pipeline; returns the provenance dict also written to ``TRAINING.json``
+    (``command``: the command line that ran it, recorded there)."""
     say = log or (lambda s: None)
     t_start = time.time()
     layers = cfg.capture_layers or default_capture_layers(len(target.decoder_layers()))
@@ -552,11 +538,7 @@ def train_draft(target: CausalLM, conversations: Iterable[dict], out_dir: str, c
         f"{greedy_cov:.1%} of target greedy tokens")
 
     config = head_config(target, int(draft_ids.numel()), layers)
-    tmp_cfg_dir = os.path.join(cache_dir, "head_config")
-    os.makedirs(tmp_cfg_dir, exist_ok=True)
-    with open(os.path.join(tmp_cfg_dir, "config.json"), "w") as f:
-        json.dump(config, f)
-    head = Eagle3Head(load_eagle3_config(tmp_cfg_dir))
+    head = Eagle3Head(eagle3_config(config))
     init_head(head, target, draft_ids, cfg.fc_init)
     if init_state is not None:
         with torch.no_grad():
@@ -601,6 +583,7 @@ def train_draft(target: CausalLM, conversations: Iterable[dict], out_dir: str, c
         "seconds_total": round(time.time() - t_start, 1),
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
+        "command": command,
     }
     save_head(head, config, out_dir, cfg.save_dtype, provenance)
     return provenance
