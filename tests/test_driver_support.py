@@ -86,6 +86,11 @@ class FakeTokenizer:
 
 
 def cache_tensors(cache):
+    """Per layer (keys, values) ``[1, kv_heads, length, head_dim]`` of a HF cache or of a
+    verifier (anything with ``committed()``)."""
+    if hasattr(cache, "committed"):
+        keys, values = cache.committed()
+        return list(zip(keys, values))
     return [(layer.keys, layer.values) for layer in cache.layers]
 
 

@@ -1,18 +1,23 @@
 """``heterospec bench``: the paper's Table 1 on real prompts, in one process.
 
-Methods: ``ar`` (the target's own loop), ``static`` (the EAGLE tree), ``heterospec`` (the
-policy), the ablation ``ded`` (HeteroSpec's extended depth only: every stratum verifies the
-static tree's N), and ``hf_assisted`` (HF ``generate(assistant_model=)`` with the same int8
-draft; greedy only). Every method decodes every prompt ``repeats`` times; wall times are
-medians over repeats, per prompt. Per prompt set and on average (mean over sets, as the paper)
-it reports speedup over AR, tau, Calls and Tokens (verification calls and verified tokens),
-stratum occupancy and the draft / verify / overhead split, for each temperature.
+Methods: ``ar`` (the target's own loop on the same forward code as the speculative methods),
+``static`` (the EAGLE tree), ``heterospec`` (the policy), the ablation ``ded`` (HeteroSpec's
+extended depth only: every stratum verifies the static tree's N), ``hf:<dtype>:<attention>``
+(plain HF ``model.generate`` on the same model: what a user runs without this package; by default
+float32 and bfloat16, eager and sdpa) and ``hf_assisted`` (HF ``generate(assistant_model=)`` with
+the same int8 draft; greedy only). Every method decodes every prompt ``repeats`` times; wall times
+are medians over repeats, per prompt. Per prompt set and on average (mean over sets, as the
+paper) it reports speedup over AR and over the best HF ``generate`` configuration (the one with the
+highest mean tok/s at T = 0, measured in the same run), tau, Calls and Tokens (verification calls
+and verified tokens), stratum occupancy and the draft / verify / overhead split, for each
+temperature. At T > 0 only the best HF configuration runs (sampling, ``do_sample=True``).
 
 Sampling runs (temperature > 0) seed each prompt's generator with the prompt's index, so the
 repeats of a prompt are the same run and only the clock varies.
 """
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import sys
@@ -20,7 +25,69 @@ import time
 from typing import Dict, List, Optional
 
 METHOD_LABELS = {"ar": "AR", "static": "static tree", "ded": "+extended depth (DED)",
-                 "heterospec": "HeteroSpec", "hf_assisted": "HF assisted"}
+                 "heterospec": "HeteroSpec", "cost": "HeteroSpec cost-aware",
+                 "hf_assisted": "HF assisted"}
+DEFAULT_HF_CONFIGS = ("float32:eager", "float32:sdpa", "bfloat16:eager", "bfloat16:sdpa")
+
+
+def method_label(m: str) -> str:
+    if m.startswith("hf:"):
+        _, dtype, attn = m.split(":")
+        return f"HF generate {dtype.replace('float32', 'fp32').replace('bfloat16', 'bf16')} {attn}"
+    return METHOD_LABELS[m]
+
+
+def is_hf_generate(m: str) -> bool:
+    return m.startswith("hf:")
+
+
+class HFGenerate:
+    """Plain HF ``model.generate`` on a copy of the target's module in each wanted dtype (the
+    target's own module when the dtype matches), attention switched per call."""
+
+    def __init__(self, target):
+        self.target = target
+        self.models = {}
+
+    def model(self, dtype_name: str):
+        import torch
+
+        dtype = getattr(torch, dtype_name)
+        if dtype == self.target.dtype:
+            return self.target.model
+        if dtype_name not in self.models:
+            m = copy.deepcopy(self.target.model)
+            # nn.Module._apply: HF's .to() refuses models flagged quantised (GGUF-loaded ones)
+            m._apply(lambda t: t.to(dtype) if t.is_floating_point() else t)
+            self.models[dtype_name] = m.eval()
+        return self.models[dtype_name]
+
+    def __call__(self, method: str, ids, max_new_tokens: int, temperature: float, seed: int):
+        """(new tokens, wall seconds, target forwards) of one decode; exactly
+        ``max_new_tokens`` tokens (EOS suppressed, as the other methods ignore it)."""
+        import torch
+
+        _, dtype_name, attn = method.split(":")
+        model = self.model(dtype_name)
+        before = model.config._attn_implementation
+        model.set_attn_implementation(attn)
+        calls = [0]
+        handle = model.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
+        kw = {"do_sample": False}
+        if temperature > 0:
+            kw = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+            torch.manual_seed(seed)
+        try:
+            t0 = time.perf_counter()
+            with torch.inference_mode():
+                out = model.generate(ids[None], attention_mask=torch.ones_like(ids[None]),
+                                     max_new_tokens=max_new_tokens,
+                                     min_new_tokens=max_new_tokens, **kw)
+            wall = time.perf_counter() - t0
+        finally:
+            handle.remove()
+            model.set_attn_implementation(before)
+        return out[0, ids.numel():].tolist(), wall, calls[0]
 
 
 def _hf_assisted(target, draft_model, ids, max_new_tokens):
@@ -49,48 +116,73 @@ def _methods(args, target, drafter, policy):
     from .policy import HeteroSpec, StaticTree
 
     wanted = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
+    hf_configs = [c.strip() for c in (getattr(args, "hf_configs", None) or
+                                      ",".join(DEFAULT_HF_CONFIGS)).split(",") if c.strip()]
     if not wanted:
         wanted = ["ar", "static"] + (["heterospec"] if policy.adaptive else [])
         if getattr(args, "ablation", False) and policy.adaptive:
             wanted.insert(2, "ded")
-        if not args.no_hf and args.draft == "int8":
-            wanted.append("hf_assisted")
-    unknown = [m for m in wanted if m not in METHOD_LABELS]
-    if unknown:
-        raise GenerationConfigError(f"--methods: unknown {unknown}; choose from "
-                                    f"{list(METHOD_LABELS)}")
+        if not args.no_hf:
+            wanted += [f"hf:{c}" for c in hf_configs]
+            if args.draft == "int8":
+                wanted.append("hf_assisted")
+    unknown = [m for m in wanted if m not in METHOD_LABELS and not is_hf_generate(m)]
+    bad_hf = [m for m in wanted if is_hf_generate(m) and (
+        len(m.split(":")) != 3 or m.split(":")[1] not in ("float32", "bfloat16", "float16")
+        or m.split(":")[2] not in ("eager", "sdpa"))]
+    if unknown or bad_hf:
+        raise GenerationConfigError(
+            f"--methods: unknown {unknown + bad_hf}; choose from {list(METHOD_LABELS)} or "
+            "hf:<float32|bfloat16|float16>:<eager|sdpa>")
     if ("heterospec" in wanted or "ded" in wanted) and not policy.adaptive:
         raise GenerationConfigError("--methods heterospec/ded need an adaptive --policy "
                                     "(heterospec or a policy JSON), not 'static'")
     gens = {}
+    verifier = getattr(args, "verifier", "auto")
     static = StaticTree(depth=policy.depth, top_k=policy.top_k, total_tokens=policy.total_tokens)
     for m in wanted:
         if m == "static":
-            gens[m] = SpeculativeGenerator(target, drafter, static)
+            gens[m] = SpeculativeGenerator(target, drafter, static, verifier=verifier)
         elif m == "heterospec":
-            gens[m] = SpeculativeGenerator(target, drafter, policy)
+            gens[m] = SpeculativeGenerator(target, drafter, policy, verifier=verifier)
         elif m == "ded":
             ded = HeteroSpec(depth=policy.depth, top_k=policy.top_k,
                              total_tokens=policy.total_tokens, thresholds=policy.thresholds,
                              alpha=policy.alpha, gammas=policy.gammas, prune_top_n=False,
                              name="ded", source=policy.source)
-            gens[m] = SpeculativeGenerator(target, drafter, ded)
+            gens[m] = SpeculativeGenerator(target, drafter, ded, verifier=verifier)
+    if any(is_hf_generate(m) for m in wanted):
+        gens["hf"] = HFGenerate(target)
     return wanted, gens
 
 
-def _run_once(m, gens, target, drafter, ids, n, sampling):
+def _run_once(m, gens, target, drafter, ids, n, sampling, verifier=None):
     """(tokens, stats dict) of one decode."""
     from .generate import autoregressive_generate
 
     if m == "ar":
-        res = autoregressive_generate(target, ids, n, sampling=sampling)
+        res = autoregressive_generate(target, ids, n, sampling=sampling, verifier=verifier)
         return res.token_ids, res.stats.as_dict()
+    if is_hf_generate(m):
+        toks, wall, calls = gens["hf"](m, ids, n, sampling.temperature, sampling.seed or 0)
+        return toks, {"new_tokens": len(toks), "wall_time_s": wall, "cycles": calls,
+                      "verified_tokens": calls, "accepted_tokens": 0}
     if m == "hf_assisted":
         toks, wall, calls = _hf_assisted(target, drafter.lm.model, ids, n)
         return toks, {"new_tokens": len(toks), "wall_time_s": wall, "cycles": calls - 1,
                       "verified_tokens": None, "accepted_tokens": len(toks) - (calls - 1)}
     res = gens[m].generate(ids, n, sampling=sampling)
     return res.token_ids, res.stats.as_dict()
+
+
+def best_hf_method(rows: List[dict]) -> Optional[str]:
+    """The HF ``generate`` configuration with the highest mean tok/s at T = 0 (else the lowest
+    temperature measured)."""
+    hf = [r for r in rows if r["set"] == "mean" and is_hf_generate(r["method"])]
+    if not hf:
+        return None
+    t = min(r["temperature"] for r in hf)
+    return max((r for r in hf if r["temperature"] == t), key=lambda r: r["tokens_per_s"])["method"]
 
 
 def aggregate(runs: List[dict], methods: List[str], sets: List[str],
@@ -157,7 +249,31 @@ def aggregate(runs: List[dict], methods: List[str], sets: List[str],
             strata = [r["stratum_counts"] for r in rs if r["stratum_counts"]]
             mean["stratum_counts"] = [sum(c) for c in zip(*strata)] if strata else None
             rows.append(mean)
+    _add_speedup_vs_hf(rows, sets)
     return rows
+
+
+def _add_speedup_vs_hf(rows: List[dict], sets: List[str]) -> None:
+    """``speedup_vs_hf``: tok/s over the best HF ``generate`` configuration's in the same set and
+    temperature (mean row: the mean over sets); ``None`` where that configuration did not run."""
+    best = best_hf_method(rows)
+    for r in rows:
+        r["speedup_vs_hf"] = None
+    if best is None:
+        return
+    at = {(r["temperature"], r["set"], r["method"]): r for r in rows}
+    for r in rows:
+        if r["set"] == "mean":
+            continue
+        base = at.get((r["temperature"], r["set"], best))
+        if base and base["tokens_per_s"]:
+            r["speedup_vs_hf"] = r["tokens_per_s"] / base["tokens_per_s"]
+    for r in rows:
+        if r["set"] == "mean":
+            vals = [at[(r["temperature"], s, r["method"])]["speedup_vs_hf"] for s in sets
+                    if (r["temperature"], s, r["method"]) in at]
+            vals = [v for v in vals if v is not None]
+            r["speedup_vs_hf"] = sum(vals) / len(vals) if vals else None
 
 
 def _fmt(v, nd=2):
@@ -173,9 +289,9 @@ def format_table(rows: List[dict]) -> str:
     out = []
     for t in sorted({r["temperature"] for r in rows}):
         out.append(f"\nTemperature {t:g}\n")
-        out.append("| set | method | speedup | tok/s | τ | Calls | Tokens | Tokens/Call | "
-                   "draft / verify / overhead | identical to AR | strata |")
-        out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+        out.append("| set | method | vs AR | vs best HF | tok/s | τ | Calls | Tokens | "
+                   "Tokens/Call | draft / verify / overhead | identical to AR | strata |")
+        out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in rows:
             if r["temperature"] != t:
                 continue
@@ -184,8 +300,8 @@ def format_table(rows: List[dict]) -> str:
             ident = "–" if r.get("identical_to_ar") is None else \
                 f"{r['identical_to_ar']}/{r['prompts']}"
             out.append(" | ".join([
-                f"| {r['set']}", METHOD_LABELS[r["method"]], _fmt(r.get("speedup")) + "×",
-                _fmt(r.get("tokens_per_s"), 1), _fmt(r.get("tau")), _fmt(r.get("calls")),
+                f"| {r['set']}", method_label(r["method"]), _fmt(r.get("speedup")) + "×",
+                _fmt(r.get("speedup_vs_hf")) + "×", _fmt(r.get("tokens_per_s"), 1), _fmt(r.get("tau")), _fmt(r.get("calls")),
                 _fmt(r.get("tokens")), _fmt(r.get("tokens_per_call"), 1), split, ident,
                 _fmt(r.get("stratum_counts"))]) + " |")
     return "\n".join(out)
@@ -200,7 +316,7 @@ def plot(rows: List[dict], path: str, title: str = "") -> None:
 
     temps = sorted({r["temperature"] for r in rows})
     sets = list(dict.fromkeys(r["set"] for r in rows))
-    methods = [m for m in METHOD_LABELS if any(r["method"] == m for r in rows)]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
     fig, axes = plt.subplots(len(temps), 3, figsize=(15, 3.8 * len(temps)), squeeze=False)
     width = 0.8 / max(1, len(methods))
     for i, t in enumerate(temps):
@@ -214,7 +330,7 @@ def plot(rows: List[dict], path: str, title: str = "") -> None:
                               and r["method"] == m), None)
                     vals.append(r.get(key) if r and r.get(key) is not None else 0.0)
                 xs = [x + (k - (len(methods) - 1) / 2) * width for x in range(len(sets))]
-                ax.bar(xs, vals, width, label=METHOD_LABELS[m])
+                ax.bar(xs, vals, width, label=method_label(m))
             ax.set_xticks(range(len(sets)))
             ax.set_xticklabels(sets)
             ax.set_title(f"{label}, T={t:g}")
@@ -234,18 +350,35 @@ def run_bench(args, load):
 
     from .generate import SamplingParams, autoregressive_generate
     from .prompts import encode, load_prompts
+    from .verifier import make_verifier
 
     target, drafter, policy = load(args)
     methods, gens = _methods(args, target, drafter, policy)
-    temps = [float(t) for t in str(getattr(args, "temperatures", "0")).split(",") if t.strip()]
+    temps = sorted(float(t) for t in str(getattr(args, "temperatures", "0")).split(",")
+                   if t.strip())
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
     prompts = []
     for name in sets:
         for p in load_prompts(name, args.prompts_per_set, offset=getattr(args, "prompt_offset", 0)):
             prompts.append((name, p["id"], encode(target.tokenizer, p["text"], p["chat"])))
     n = args.max_new_tokens
-    total = sum(len([m for m in methods if t == 0 or m != "hf_assisted"]) for t in temps) * \
-        len(prompts) * args.repeats
+    ar_verifier = make_verifier(target, getattr(args, "verifier", "auto"))
+    hf_methods = [m for m in methods if is_hf_generate(m)]
+
+    def runs_at(t):
+        """The methods run at temperature ``t``: HF assisted only greedy; after a T = 0 pass,
+        only the best HF generate configuration."""
+        out = []
+        for m in methods:
+            if m == "hf_assisted" and t != 0:
+                continue
+            if is_hf_generate(m) and t != temps[0] and m != best_hf:
+                continue
+            out.append(m)
+        return out
+
+    best_hf = None
+    total = sum(len(methods) for _ in temps) * len(prompts) * args.repeats
     try:
         from tqdm import tqdm
 
@@ -254,20 +387,22 @@ def run_bench(args, load):
         bar = None
     # warm-up: the first forwards after load are slow
     warm = prompts[0][2]
-    autoregressive_generate(target, warm, 4)
-    for gen in gens.values():
-        gen.generate(warm, 4)
+    autoregressive_generate(target, warm, 4, verifier=ar_verifier)
+    for m in methods:
+        if m in gens:
+            gens[m].generate(warm, 4)
+        elif is_hf_generate(m):
+            gens["hf"](m, warm, 4, 0.0, 0)
     runs = []
     t_start = time.time()
     for t in temps:
         for index, (set_name, pid, ids) in enumerate(prompts):
             ref = None
-            for m in methods:
-                if m == "hf_assisted" and t != 0:
-                    continue
+            for m in runs_at(t):
                 sampling = SamplingParams(temperature=t, seed=index)
                 for rep in range(args.repeats):
-                    toks, st = _run_once(m, gens, target, drafter, ids, n, sampling)
+                    toks, st = _run_once(m, gens, target, drafter, ids, n, sampling,
+                                         verifier=ar_verifier)
                     if m == "ar" and rep == 0:
                         ref = toks
                     st = {k: v for k, v in st.items() if k != "method"}
@@ -276,13 +411,18 @@ def run_bench(args, load):
                     runs.append(st)
                     if bar is not None:
                         bar.update(1)
+        if hf_methods and best_hf is None:
+            best_hf = best_hf_method(aggregate(runs, methods, sets, [t]))
     if bar is not None:
         bar.close()
     rows = aggregate(runs, methods, sets, temps)
     meta = {"max_new_tokens": n, "repeats": args.repeats, "sets": sets,
             "prompts_per_set": args.prompts_per_set, "temperatures": temps,
             "policy": policy.describe(), "threads": torch.get_num_threads(),
-            "draft": getattr(args, "draft_spec", args.draft), "model": args.model or "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "dtype": getattr(args, "resolved_dtype", str(target.dtype).replace("torch.", "")),
+            "verifier": type(ar_verifier).__name__, "best_hf": best_hf,
+            "draft": getattr(args, "draft_spec", args.draft),
+            "model": args.model or "SmolLM2-135M-Instruct.Q4_1.gguf",
             "seconds": round(time.time() - t_start, 1),
             "command": "heterospec " + " ".join(sys.argv[1:])}
     if getattr(args, "out_json", None):

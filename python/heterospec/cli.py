@@ -18,7 +18,14 @@ def _add_model_args(p):
                    help="int8 (int8 copy of the target), model:PATH (same-tokenizer causal LM), "
                         "eagle3:DIR (an EAGLE-3 head checkpoint), or eagle3 (the shipped head "
                         "trained for SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="model dtype; auto: bfloat16 on CUDA and on CPUs with native bf16 "
+                        "(AVX512-BF16 or AMX), float32 elsewhere")
+    p.add_argument("--verifier", default="auto",
+                   choices=["auto", "lean", "dynamic", "static"],
+                   help="how the target runs: lean (packed-weight CPU forward, Llama family), "
+                        "dynamic (the HF module, any model with 4D masks), static (the HF module "
+                        "over a preallocated cache); auto: lean where supported")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
 
@@ -94,11 +101,16 @@ def build_parser():
     b.add_argument("--prompts-per-set", type=int, default=1)
     b.add_argument("--max-new-tokens", type=int, default=48)
     b.add_argument("--repeats", type=int, default=1, help="timed runs per method (median)")
-    b.add_argument("--no-hf", action="store_true", help="skip HF assisted generation")
+    b.add_argument("--no-hf", action="store_true",
+                   help="skip the HF baselines (HF generate configurations and HF assisted)")
+    b.add_argument("--hf-configs", default=None,
+                   help="HF generate baselines as dtype:attention, comma-separated (default: "
+                        "float32:eager,float32:sdpa,bfloat16:eager,bfloat16:sdpa)")
     b.add_argument("--temperatures", default="0", help="comma-separated, e.g. 0,1")
     b.add_argument("--methods", default=None,
-                   help="comma-separated subset of ar,static,ded,heterospec,hf_assisted "
-                        "(default: ar,static,heterospec, +hf_assisted with --draft int8)")
+                   help="comma-separated subset of ar,static,ded,heterospec,hf_assisted and "
+                        "hf:<dtype>:<attention> (default: ar,static,heterospec, the HF generate "
+                        "configurations, +hf_assisted with --draft int8)")
     b.add_argument("--ablation", action="store_true",
                    help="add 'ded' (HeteroSpec's extended depth without top-N pruning)")
     b.add_argument("--prompt-offset", type=int, default=0, help="first prompt of each set")
@@ -125,7 +137,14 @@ def _load(args):
     from .policy import DEFAULT_POLICY_FILE, EAGLE3_POLICY_FILE, resolve_policy
     from .target import CausalLM, load_hf, load_target
 
-    dtype = getattr(torch, args.dtype)
+    from .target import choose_dtype
+
+    dtype = choose_dtype(args.dtype, args.device)
+    if args.dtype == "auto":
+        print(f"heterospec: dtype {str(dtype).replace('torch.', '')} (auto: "
+              f"{'native bf16 on this device' if dtype == torch.bfloat16 else 'no native bf16'})",
+              file=sys.stderr)
+    args.resolved_dtype = str(dtype).replace("torch.", "")
     args.draft_spec = getattr(args, "draft_spec", args.draft)  # as typed, for provenance
     if args.draft == "eagle3":
         args.draft = "eagle3:" + SHIPPED_HEAD_DIR
@@ -168,7 +187,7 @@ def _cmd_generate(args):
         gen = SpeculativeGenerator(target, drafter, policy, cuda_graphs=True,
                                    max_len=-(-need // 64) * 64)
     else:
-        gen = SpeculativeGenerator(target, drafter, policy)
+        gen = SpeculativeGenerator(target, drafter, policy, verifier=args.verifier)
     stop = [] if args.no_eos or tok.eos_token_id is None else [tok.eos_token_id]
     sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     streamed, printed = [], [""]
@@ -227,7 +246,7 @@ def _cmd_calibrate(args):
     assert isinstance(policy, StaticTree)
     prompts = load_prompts("sharegpt", args.prompts, offset=args.offset)
     ids = [encode(target.tokenizer, p["text"], True)[-args.max_prompt_tokens:] for p in prompts]
-    gen = SpeculativeGenerator(target, drafter, policy)
+    gen = SpeculativeGenerator(target, drafter, policy, verifier=args.verifier)
     bar = _progress(len(ids), "calibrate")
     t0 = time.time()
     het, info = calibrate(gen, ids, args.max_new_tokens, bar, args.min_samples_leaf)
@@ -263,7 +282,10 @@ def _cmd_train_draft(args):
         if getattr(cfg, name) <= 0:
             raise GenerationConfigError(f"--{name.replace('_', '-')} must be > 0, got "
                                         f"{getattr(cfg, name)}")
-    target = load_target(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    from .target import choose_dtype
+
+    target = load_target(args.model, dtype=choose_dtype(args.dtype, args.device),
+                         device=args.device)
     # ~7 KB of JSON per conversation, at most max_len tokens each: read only what is needed
     want = args.offset + max(64, 4 * cfg.max_tokens // cfg.max_len + 64,
                              2 * cfg.regenerate_tokens // 64 + 64)

@@ -109,6 +109,12 @@ class GraphedTarget:
     def compact(self, accepted_nodes: torch.Tensor, num_accepted: torch.Tensor) -> None:
         self.cache.compact(accepted_nodes, num_accepted)
 
+    def get_seq_length(self) -> int:
+        return self.cache.get_seq_length()
+
+    def committed(self):
+        return self.cache.committed()
+
     @torch.inference_mode()
     def tree_forward(self, tokens: torch.Tensor, depth: torch.Tensor,
                      ancestors: torch.Tensor) -> torch.Tensor:

@@ -55,12 +55,16 @@ import os
 from typing import List, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import heterospec_ext as hx
 
-from .drafter import Drafter, _PoolBuilder, CandidatePool
+from .drafter import Drafter
 from .errors import DraftCheckpointError, ModelLoadError
+from .expansion import CandidatePool, TreeExpansion
+from .lean_target import RopeTable
+from .packed_linear import PackedLinear
 from .target import CausalLM
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
@@ -127,22 +131,45 @@ class _MidLayer(nn.Module):
 
 
 class DraftKVCache:
-    """The head's single-layer KV cache, batch 1: ``keys``/``values`` ``[1, kv_heads, S, hd]``."""
+    """The head's single-layer KV cache, batch 1, preallocated and grown on demand.
 
-    def __init__(self, kv_heads, head_dim, dtype, device):
-        self.keys = torch.zeros((1, kv_heads, 0, head_dim), dtype=dtype, device=device)
-        self.values = torch.zeros_like(self.keys)
+    ``keys``/``values``: views ``[1, kv_heads, length, head_dim]`` of the buffers."""
+
+    def __init__(self, kv_heads, head_dim, dtype, device, capacity: int = 256):
+        self._k = torch.zeros((1, kv_heads, capacity, head_dim), dtype=dtype, device=device)
+        self._v = torch.zeros_like(self._k)
+        self.length = 0
 
     @property
-    def length(self) -> int:
-        return int(self.keys.shape[2])
+    def keys(self) -> torch.Tensor:
+        return self._k[:, :, :self.length]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self._v[:, :, :self.length]
 
     def get_seq_length(self) -> int:
         return self.length
 
+    def append(self, k: torch.Tensor, v: torch.Tensor):
+        """Write ``k``/``v`` ``[1, kv_heads, n, head_dim]`` after the entries; returns the whole
+        ``(keys, values)`` including them."""
+        n = k.shape[2]
+        end = self.length + n
+        if end > self._k.shape[2]:
+            cap = max(end, 2 * self._k.shape[2])
+            grown_k = self._k.new_zeros(self._k.shape[:2] + (cap,) + self._k.shape[3:])
+            grown_v = torch.zeros_like(grown_k)
+            grown_k[:, :, :self.length] = self.keys
+            grown_v[:, :, :self.length] = self.values
+            self._k, self._v = grown_k, grown_v
+        self._k[:, :, self.length:end] = k
+        self._v[:, :, self.length:end] = v
+        self.length = end
+        return self.keys, self.values
+
     def truncate(self, n: int) -> None:
-        self.keys = self.keys[:, :, :n]
-        self.values = self.values[:, :, :n]
+        self.length = min(self.length, int(n))
 
 
 class Eagle3Head(nn.Module):
@@ -186,11 +213,10 @@ class Eagle3Head(nn.Module):
         emb = self.embed(token_ids).to(dtype)
         g = self.fc(state.to(dtype)) if from_target else state.to(dtype)
         q, k, v = self.attention_inputs(emb[None], g[None], positions[None])
-        cache.keys = torch.cat((cache.keys, k), dim=2)
-        cache.values = torch.cat((cache.values, v), dim=2)
+        keys, values = cache.append(k, v)
         rep = attn.heads // attn.kv_heads
-        keys = cache.keys.repeat_interleave(rep, dim=1)
-        values = cache.values.repeat_interleave(rep, dim=1)
+        keys = keys.repeat_interleave(rep, dim=1)
+        values = values.repeat_interleave(rep, dim=1)
         scores = (q @ keys.transpose(2, 3)) / math.sqrt(attn.head_dim)
         scores = scores.masked_fill(~visible[None, None], torch.finfo(scores.dtype).min)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
@@ -400,18 +426,87 @@ def build_eagle3_head(path: str, target: CausalLM) -> Eagle3Head:
     return head
 
 
+# ----------------------------------------------------------------------------- inference pass
+
+
+class PackedEagle3Head:
+    """The head's inference pass on packed weights (:class:`~heterospec.packed_linear.
+    PackedLinear`): the computation of :meth:`Eagle3Head.forward` with q/k/v and gate/up fused,
+    the states ``g`` kept in float32, RoPE from a float32 table and one
+    ``scaled_dot_product_attention`` over the cache. The drafter's hot path; the module stays the
+    readable definition (training and the tests use it)."""
+
+    def __init__(self, head: Eagle3Head):
+        layer, attn = head.midlayer, head.midlayer.self_attn
+        dtype = head.fc.weight.dtype
+        self.dtype = dtype
+        self.heads, self.kv_heads, self.head_dim = attn.heads, attn.kv_heads, attn.head_dim
+        self.hidden = head.config.hidden_size
+        self.intermediate = head.config.intermediate_size
+        self.eps = float(head.config.rms_norm_eps)
+        self.fc = PackedLinear(head.fc.weight, None, dtype)
+        self.qkv = PackedLinear.fuse([attn.q_proj, attn.k_proj, attn.v_proj], dtype)
+        self.o = PackedLinear(attn.o_proj.weight, None, dtype)
+        self.gate_up = PackedLinear.fuse([layer.mlp.gate_proj, layer.mlp.up_proj], dtype)
+        self.down = PackedLinear(layer.mlp.down_proj.weight, None, dtype)
+        self.lm_head = PackedLinear(head.lm_head.weight, None, dtype)
+        self.input_norm = layer.input_layernorm.weight.detach().float()
+        self.hidden_norm = layer.hidden_norm.weight.detach().float()
+        self.post_norm = layer.post_attention_layernorm.weight.detach().float()
+        self.final_norm = head.norm.weight.detach().float()
+        self.embed = head.embed.weight.detach()
+        self.act = layer.mlp.act
+        self.rope = RopeTable(head.rotary)
+
+    def _norm(self, x, weight):
+        return F.rms_norm(x, (x.shape[-1],), weight, self.eps).to(self.dtype)
+
+    @torch.inference_mode()
+    def __call__(self, token_ids: torch.Tensor, state: torch.Tensor, positions: torch.Tensor,
+                 visible: Optional[torch.Tensor], cache: DraftKVCache,
+                 from_target: bool) -> torch.Tensor:
+        """As :meth:`Eagle3Head.forward`: ``n`` entries appended to ``cache``; ``visible``
+        ``[n, cache.length + n]`` bool or ``None`` (every entry visible). Returns the output
+        states ``[n, H]`` float32."""
+        n = int(token_ids.numel())
+        nh, nkv, hd, dt = self.heads, self.kv_heads, self.head_dim, self.dtype
+        half = hd // 2
+        g = self.fc(state.to(dt)).float() if from_target else state.float()
+        x = torch.cat((self._norm(self.embed[token_ids].float(), self.input_norm),
+                       self._norm(g, self.hidden_norm)), dim=-1)
+        qkv = self.qkv(x).view(n, nh + 2 * nkv, hd)
+        qk = qkv[:, :nh + nkv].float()
+        cos, sin = self.rope(int(positions.max()) + 1)
+        cos, sin = cos[positions][:, None], sin[positions][:, None]
+        qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+        keys, values = cache.append(qk[None, :, nh:].transpose(1, 2).to(dt),
+                                    qkv[None, :, nh + nkv:].transpose(1, 2))
+        q = qk[:, :nh].to(dt).transpose(0, 1)[None]
+        mask = None if visible is None else visible[None, None]
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                             enable_gqa=nkv != nh)
+        g = g + self.o(out[0].transpose(0, 1).reshape(n, nh * hd)).float()
+        gate_up = self.gate_up(self._norm(g, self.post_norm))
+        i = self.intermediate
+        return g + self.down(self.act(gate_up[:, :i]) * gate_up[:, i:]).float()
+
+    @torch.inference_mode()
+    def logits(self, out_state: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits ``[n, Vd]`` (head dtype) from output states ``[n, H]``."""
+        return self.lm_head(self._norm(out_state, self.final_norm))
+
+
 # ----------------------------------------------------------------------------- the drafter
 
 
 class Eagle3Drafter(Drafter):
     """Tree drafter over an EAGLE-3 head fed by the target's captured hidden states.
 
-    Expansion as :class:`~heterospec.ModelDrafter`: level 0 is the root's ``top_k`` children;
-    each further level gives every frontier node its ``top_k`` children (one head pass, one
-    ``draft_topk_entropy`` launch over the draft-vocabulary logits) and keeps the ``top_k``
-    best by cumulative log-prob as the next frontier. Draft ids become target ids through
-    ``d2t``. A tree node at depth d sits at position ``root_pos + d`` and feeds its parent's
-    output state (the official EAGLE-3 tree step).
+    The expansion is :class:`~heterospec.expansion.TreeExpansion` (EAGLE-2, shared with
+    :class:`~heterospec.ModelDrafter`): each level is one head pass over the ``top_k`` frontier
+    nodes and one ``draft_topk_entropy`` launch over their draft-vocabulary logits. Draft ids
+    become target ids through ``d2t``. A tree node at depth d sits at position ``root_pos + d``
+    and feeds its parent's output state (the official EAGLE-3 tree step).
 
     KV cache: one entry per committed (target state of token j, token j + 1) pair, then the
     tree entries of the current cycle, tree-masked. After verification the tree entries are all
@@ -441,6 +536,7 @@ class Eagle3Drafter(Drafter):
                 "eagle_aux_hidden_state_layer_ids in the head's config.json")
         target.capture_hidden_states(layers)
         self.head = head
+        self.packed = PackedEagle3Head(head)
         self.target = target
         self.capture_layers = sorted(layers)
         self.top_k = top_k
@@ -448,6 +544,7 @@ class Eagle3Drafter(Drafter):
         self.vocab_size = target.vocab_size
         self.device = target.device
         self.cache: Optional[DraftKVCache] = None
+        self.expansion = TreeExpansion(top_k, self.device)
         self.forward_calls = 0
 
     @classmethod
@@ -485,71 +582,41 @@ class Eagle3Drafter(Drafter):
         if int(self._pending_tokens[-1]) != int(root):
             raise ValueError(f"draft root {root} is not the last committed token "
                              f"{int(self._pending_tokens[-1])}")
-        k, dev, head = self.top_k, self.device, self.head
+        k, dev = self.top_k, self.device
         start = self.cache.length
         n = self._pending_tokens.numel()
         pos = torch.arange(start, start + n, device=dev)
-        visible = torch.ones((n, start + n), dtype=torch.bool, device=dev).tril_(start)
-        out = head(self._pending_tokens, self._pending_state, pos, visible, self.cache,
-                   from_target=True)
+        visible = None
+        if n > 1:
+            visible = torch.ones((n, start + n), dtype=torch.bool, device=dev).tril_(start)
+        out = self.packed(self._pending_tokens, self._pending_state, pos, visible, self.cache,
+                          from_target=True)
         self.forward_calls += 1
         self._prefix = self.cache.length  # committed entries; the root's is the last
-        stats = hx.draft_topk_entropy(head.logits(out[-1:]), k, 1.0)
-        b = _PoolBuilder()
-        zero = torch.zeros(1, dtype=torch.float32, device=dev)
-        b.add(torch.tensor([int(root)], device=dev), torch.tensor([-1], device=dev), zero,
-              zero, zero, -1)
-        lp = stats.topk_logprobs[0]
-        first = b.add(head.to_target_ids(stats.topk_ids[0]),
-                      torch.zeros(k, dtype=torch.int64, device=dev), lp,
-                      stats.topk_entropy.expand(k).clone(), lp, 0)
-        self._builder = b
-        self._state_of = {0: out[-1]}  # head output state per processed pool node
-        self._anc_rows = {0: torch.zeros(0, dtype=torch.bool, device=dev)}
-        self._frontier = list(range(first, first + k))
-        self._parent_of = {i: 0 for i in self._frontier}
-        self._depth = {0: 0, **{i: 1 for i in self._frontier}}
-        self._levels = 1
+        self._root_state = out[-1:]
+        self._tree_states = out.new_zeros((0, out.shape[1]))
+        stats = hx.draft_topk_entropy(self.packed.logits(out[-1:]), k, 1.0)
+        self.expansion.start(root, self.head.to_target_ids(stats.topk_ids[0]),
+                             stats.topk_logprobs[0], stats.topk_entropy[0])
         return self.extend(levels - 1)
 
     def extend(self, extra_levels: int) -> CandidatePool:
-        k, dev, head = self.top_k, self.device, self.head
+        k, dev, exp = self.top_k, self.device, self.expansion
         for _ in range(extra_levels):
-            frontier = self._frontier
-            f = len(frontier)
-            tree_slots = self.cache.length - self._prefix
-            visible = torch.zeros((f, self._prefix + tree_slots + f), dtype=torch.bool, device=dev)
-            visible[:, :self._prefix] = True
-            for r, node in enumerate(frontier):
-                row = self._anc_rows[self._parent_of[node]]
-                visible[r, self._prefix:self._prefix + row.numel()] = row
-                visible[r, self._prefix + tree_slots + r] = True
-            toks = torch.cat(self._builder.tokens)[torch.tensor(frontier, device=dev)]
-            state = torch.stack([self._state_of[self._parent_of[node]] for node in frontier])
-            pos = torch.tensor([self._prefix - 1 + self._depth[i] for i in frontier], device=dev)
-            out = head(toks, state, pos, visible, self.cache, from_target=False)
+            tree = exp.frontier_visibility()
+            visible = torch.ones((k, self._prefix + tree.shape[1]), dtype=torch.bool, device=dev)
+            visible[:, self._prefix:] = tree
+            parent = exp.frontier_parent_slots()
+            states = torch.cat((self._root_state, self._tree_states))[parent + 1]
+            pos = torch.full((k,), self._prefix - 1 + exp.levels, dtype=torch.int64, device=dev)
+            out = self.packed(exp.frontier_tokens(), states, pos, visible, self.cache,
+                              from_target=False)
             self.forward_calls += 1
-            for r, node in enumerate(frontier):
-                self._state_of[node] = out[r]
-                self._anc_rows[node] = visible[r, self._prefix:]
-            stats = hx.draft_topk_entropy(head.logits(out), k, 1.0)
-            parent_scores = torch.cat(self._builder.scores)[torch.tensor(frontier, device=dev)]
-            child_scores = (parent_scores[:, None] + stats.topk_logprobs).reshape(-1)
-            parents = torch.tensor(frontier, dtype=torch.int64, device=dev).repeat_interleave(k)
-            start = self._builder.add(head.to_target_ids(stats.topk_ids.reshape(-1)), parents,
-                                      child_scores, stats.topk_entropy.repeat_interleave(k),
-                                      stats.topk_logprobs.reshape(-1), self._levels)
-            # next frontier: best k children by cumulative score, ties to the lower index
-            order = torch.sort(-child_scores, stable=True).indices[:k].tolist()
-            self._frontier = []
-            for j in order:
-                node, parent = start + j, frontier[j // k]
-                self._frontier.append(node)
-                self._parent_of[node] = parent
-                self._depth[node] = self._depth[parent] + 1
-            self._levels += 1
-        self._pool = self._builder.build(self._levels)
-        return self._pool
+            self._tree_states = torch.cat((self._tree_states, out))
+            stats = hx.draft_topk_entropy(self.packed.logits(out), k, 1.0)
+            exp.grow(self.head.to_target_ids(stats.topk_ids), stats.topk_logprobs,
+                     stats.topk_entropy)
+        return exp.pool()
 
     def commit(self, path_pool_nodes: List[int], new_tokens: List[int],
                target_hidden: Optional[torch.Tensor] = None) -> None:

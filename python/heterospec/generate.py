@@ -13,7 +13,8 @@ import heterospec_ext as hx
 from .drafter import Drafter, check_same_vocab
 from .errors import GenerationConfigError
 from .policy import StaticTree
-from .target import CausalLM, cache_length, compact_cache
+from .target import CausalLM
+from .verifier import fixed_capacity, make_verifier
 
 
 @dataclass
@@ -107,10 +108,12 @@ class _Clock:
 def autoregressive_generate(target: CausalLM, prompt_ids, max_new_tokens: int,
                             sampling: Optional[SamplingParams] = None,
                             stop_token_ids: Iterable[int] = (),
-                            on_tokens: Optional[Callable[[List[int]], None]] = None
-                            ) -> GenerationResult:
+                            on_tokens: Optional[Callable[[List[int]], None]] = None,
+                            verifier=None) -> GenerationResult:
     """The target's own decoding, one token per forward (the AR baseline).
 
+    ``verifier``: how the target runs (:func:`~heterospec.verifier.make_verifier`; default: the
+    same kind :class:`SpeculativeGenerator` picks, so the baseline runs the same forward code).
     Greedy takes ``argmax``; sampling draws through ``fused_verify`` on a root-only tree, so the
     temperature / top-k / top-p processing is exactly the speculative path's."""
     sampling = sampling or SamplingParams()
@@ -120,17 +123,18 @@ def autoregressive_generate(target: CausalLM, prompt_ids, max_new_tokens: int,
     clock = _Clock(target.device)
     gen = sampling.generator()
     stats = GenerationStats(method="ar", prompt_tokens=ids.numel())
-    target.forward_calls = 0
+    verifier = verifier if verifier is not None else make_verifier(target)
+    calls0 = target.forward_calls
     t0 = clock()
-    cache = target.new_cache()
+    verifier.reset()
     if ids.numel() > 1:
-        target.causal_forward(ids[:-1], cache, last_only=True)
+        verifier.prefill(ids[:-1])
     stats.prefill_time_s = clock() - t0
     root, out = ids[-1:], []
     parents = torch.tensor([[-1]], dtype=torch.int64, device=target.device)
     while len(out) < max_new_tokens:
         tv = clock()
-        logits = target.causal_forward(root, cache, last_only=True)
+        logits = verifier.prefill(root)
         stats.verify_time_s += clock() - tv
         if sampling.temperature == 0.0:
             tok = int(torch.argmax(logits[-1]))
@@ -151,7 +155,7 @@ def autoregressive_generate(target: CausalLM, prompt_ids, max_new_tokens: int,
         root = torch.tensor([tok], dtype=torch.int64, device=target.device)
     stats.wall_time_s = clock() - t0
     stats.new_tokens = len(out)
-    stats.target_forwards = target.forward_calls
+    stats.target_forwards = target.forward_calls - calls0
     return GenerationResult(out, stats.finish())
 
 
@@ -160,38 +164,43 @@ class SpeculativeGenerator:
 
     ``generate`` runs cycles of: draft ``policy.levels`` levels; for HeteroSpec ``stratify`` the
     pool and draft the stratum's extra levels; ``build_tree`` keeps the stratum's top-N; one target
-    forward over root + tree; ``fused_verify``; compaction of both KV caches. Every per-token
-    step goes through the public heterospec_ext ops."""
+    forward over root + tree; ``fused_verify``; commit (the target's verifier and the drafter).
+    Every per-token step goes through the public heterospec_ext ops."""
 
     def __init__(self, target: CausalLM, drafter: Drafter, policy: StaticTree, *,
-                 static_cache: bool = False, cuda_graphs: bool = False, max_len: int = 2048):
-        """``static_cache``: keep the target's KV cache in a preallocated
-        :class:`~heterospec.static_cache.StaticTreeCache` of ``max_len`` entries (fixed-shape
-        forwards; runs eagerly, CPU included). ``cuda_graphs``: the same cache, plus the tree
-        forward captured once per tree size the policy can produce and replayed (CUDA only;
-        the capture happens here). A request needs ``prompt + max_new_tokens + policy.n_max``
-        entries. The default is the dynamic cache."""
+                 verifier: str = "auto", static_cache: bool = False, cuda_graphs: bool = False,
+                 max_len: int = 2048):
+        """``verifier``: how the target runs (:mod:`heterospec.verifier`): ``auto`` (``lean``
+        for Llama-family targets on the CPU, else ``dynamic``), ``lean``, ``dynamic``,
+        ``static`` (a preallocated :class:`~heterospec.static_cache.StaticTreeCache` of
+        ``max_len`` entries, fixed-shape forwards) or ``cuda-graphs`` (``static`` plus the tree
+        forward captured once per tree size the policy can produce and replayed; CUDA only, the
+        capture happens here). ``static_cache=True`` / ``cuda_graphs=True`` are shorthands for
+        the last two. With a fixed ``max_len``, a request needs ``prompt + max_new_tokens +
+        policy.n_max`` entries."""
         check_same_vocab(target, drafter)
         if drafter.top_k != policy.top_k:
             raise GenerationConfigError(
                 f"drafter top_k={drafter.top_k} differs from the policy's top_k={policy.top_k}")
+        if cuda_graphs:
+            verifier = "cuda-graphs"
+        elif static_cache:
+            verifier = "static"
+        from .cuda_graphs import tree_sizes
+
         self.target = target
         self.drafter = drafter
         self.policy = policy
         self.max_len = max_len
-        # the static-shape verifier (StaticTreeCache or GraphedTarget); None = dynamic cache
-        self.verifier = None
-        if cuda_graphs:
-            from .cuda_graphs import GraphedTarget, tree_sizes
-
-            self.verifier = GraphedTarget(target, max_len, tree_sizes(policy))
-        elif static_cache:
-            from .static_cache import StaticTreeCache
-
-            self.verifier = StaticTreeCache(target, max_len)
-        # hooks the tests use to plant bugs or observe cycles
-        self.verify_fn = hx.fused_verify
+        self.verifier_kind = verifier
+        self.verifier = make_verifier(target, verifier, max_len, tree_sizes(policy))
+        # an observer called after every cycle with its tree, pool and acceptance
         self.on_cycle: Optional[Callable[[dict], None]] = None
+
+    @property
+    def cache(self):
+        """The target's verifier (holds the committed KV cache)."""
+        return self.verifier
 
     def generate(self, prompt_ids, max_new_tokens: int,
                  sampling: Optional[SamplingParams] = None,
@@ -201,7 +210,7 @@ class SpeculativeGenerator:
         sampling.check()
         ids = _check_request(prompt_ids, max_new_tokens).to(self.target.device)
         stop = set(int(t) for t in stop_token_ids)
-        target, drafter, policy = self.target, self.drafter, self.policy
+        target, drafter, policy, verifier = self.target, self.drafter, self.policy, self.verifier
         dev = target.device
         clock = _Clock(dev)
         gen = sampling.generator()
@@ -214,28 +223,20 @@ class SpeculativeGenerator:
         temperature, top_k, top_p = hx.ops.fused_verify.sampling_params(
             torch.empty(1, 1, device=dev), float(sampling.temperature), int(sampling.top_k),
             float(sampling.top_p))
-        verifier = self.verifier
-        if verifier is not None and ids.numel() + max_new_tokens + policy.n_max > self.max_len:
+        if fixed_capacity(self.verifier_kind) and \
+                ids.numel() + max_new_tokens + policy.n_max > self.max_len:
             raise GenerationConfigError(
                 f"prompt ({ids.numel()} tokens) + max_new_tokens ({max_new_tokens}) + the "
                 f"policy's largest tree ({policy.n_max}) exceed the static KV cache's "
                 f"max_len={self.max_len}; build the generator with a larger max_len")
         calls0 = target.forward_calls
         t0 = clock()
-        if verifier is None:
-            cache = target.new_cache()
-            if ids.numel() > 1:
-                target.causal_forward(ids[:-1], cache, last_only=True)
-        else:
-            verifier.reset()
-            cache = verifier.cache
-            if ids.numel() > 1:
-                verifier.prefill(ids[:-1])
-        if drafter.uses_target_hidden:
-            # EAGLE-3: the prompt's captured target hidden states, rows of ids[:-1]
-            drafter.reset(ids, target_hidden=target.captured_hidden if ids.numel() > 1 else None)
-        else:
-            drafter.reset(ids)
+        verifier.reset()
+        target.captured_hidden = None
+        if ids.numel() > 1:
+            verifier.prefill(ids[:-1])
+        # EAGLE-3 heads take the prompt's captured target states (rows of ids[:-1])
+        drafter.reset(ids, target_hidden=target.captured_hidden)
         stats.prefill_time_s = clock() - t0
         root = int(ids[-1])
         out: List[int] = []
@@ -258,30 +259,20 @@ class SpeculativeGenerator:
             n = int(tree.num_nodes[0])
             tokens, parents = tree.tokens[:, :n], tree.parents[:, :n]
             tv = clock()
-            if verifier is None:
-                prefix = cache_length(cache)
-                logits = target.tree_forward(tokens[0], tree.depth[0, :n], tree.mask[0, :n, :n],
-                                             cache)
-            else:
-                logits = verifier.tree_forward(tokens[0], tree.depth[0, :n], tree.mask[0, :n, :n])
+            logits = verifier.tree_forward(tokens[0], tree.depth[0, :n], tree.mask[0, :n, :n])
             stats.verify_time_s += clock() - tv
             uniforms = torch.rand((1, n), generator=gen).to(dev)
-            res = self.verify_fn(logits[None], tokens, parents, temperature=temperature,
-                                 top_k=top_k, top_p=top_p, uniforms=uniforms)
+            res = hx.fused_verify(logits[None], tokens, parents, temperature=temperature,
+                                  top_k=top_k, top_p=top_p, uniforms=uniforms)
             a = int(res.num_accepted[0])
             nodes = res.accepted_nodes[0, :a + 1]
             new = res.out_tokens[0, :a + 1].tolist()
-            if verifier is None:
-                compact_cache(cache, prefix, prefix + nodes)
-            else:
-                verifier.compact(res.accepted_nodes[0], res.num_accepted[0])
+            verifier.compact(res.accepted_nodes[0], res.num_accepted[0])
             tc = clock()
-            if drafter.uses_target_hidden:
-                # rows of root + accepted nodes: the target states that precede each new token
-                drafter.commit(tree.selected[0, nodes].tolist(), new,
-                               target_hidden=target.captured_hidden[nodes])
-            else:
-                drafter.commit(tree.selected[0, nodes].tolist(), new)
+            # the target states of the root and the accepted nodes precede each new token
+            hidden = target.captured_hidden
+            drafter.commit(tree.selected[0, nodes].tolist(), new,
+                           target_hidden=None if hidden is None else hidden[nodes])
             stats.draft_time_s += clock() - tc
             stats.cycles += 1
             stats.verified_tokens += n
@@ -290,6 +281,7 @@ class SpeculativeGenerator:
             if self.on_cycle:
                 self.on_cycle({"nodes": n, "accepted": a, "tree": tree, "pool": pool,
                                "accepted_nodes": nodes.tolist(), "tokens": new,
+                               "logits": logits,
                                "stratum": stratum if policy.adaptive else None})
             room = max_new_tokens - len(out)
             new = new[:room]
@@ -308,7 +300,6 @@ class SpeculativeGenerator:
         stats.new_tokens = len(out)
         stats.target_forwards = target.forward_calls - calls0
         stats.draft_forwards = drafter.forward_calls
-        self.cache = cache
-        # the target cache holds committed[:-1]; exposed for inspection and tests
+        # every token the target's cache describes, then the last root (for inspection)
         self.committed = committed
         return GenerationResult(out, stats.finish())

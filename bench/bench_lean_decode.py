@@ -1,0 +1,208 @@
+"""Cost of the decode path's pieces on the real target: the verify-cost curve, the draft cost per
+level, and our AR loop against plain HF ``generate``.
+
+As a script (the numbers in bench/RESULTS.md)::
+
+    python bench/bench_lean_decode.py --threads 2 --out lean_decode.json
+
+1. **Verify-cost curve.** One tree forward of N = 1..64 nodes (a chain mask) after a
+   ``--prefix``-token context, for the lean verifier and the HF module (``dynamic``), in
+   bfloat16 and float32; median of ``--reps``; "AR step" is one committed token.
+2. **Draft cost per level.** ``draft(root, levels)`` of the shipped EAGLE-3 head and of the int8
+   self-draft for 1..6 levels at top_k 8 and 4; the per-level cost is the least-squares slope.
+3. **AR against HF generate.** Greedy decoding of ``--new-tokens`` tokens on HumanEval, GSM8K
+   and MT-bench prompts: our AR loop (lean verifier) and ``model.generate`` for each dtype x
+   attention; median of ``--reps`` per prompt, summed over prompts.
+
+Under pytest (``pytest bench``) it is a quick pytest-benchmark of a tree forward on a small random
+Llama through both verifiers.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _import_heterospec():
+    try:
+        import heterospec
+    except ImportError:  # source tree without an install
+        sys.path.insert(0, os.path.join(ROOT, "python"))
+        import heterospec
+    return heterospec
+
+
+def _median_ms(fn, reps):
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def chain(n):
+    return torch.ones((n, n), dtype=torch.bool).tril_()
+
+
+def verify_curve(target, kind, prefix_ids, sizes, reps):
+    """{N: median ms of one tree forward of N nodes}, plus "ar": one committed token."""
+    from heterospec.target import compact_cache
+    from heterospec.verifier import make_verifier
+
+    ver = make_verifier(target, kind)
+    ver.reset()
+    ver.prefill(prefix_ids)
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for n in sizes:
+        toks = torch.randint(10, target.vocab_size, (n,), generator=g)
+
+        def one():
+            ver.tree_forward(toks, torch.arange(n), chain(n))
+            if kind == "dynamic":  # the HF cache grew by the tree: cut it back
+                compact_cache(ver.cache, len(prefix_ids), None)
+        one()
+        out[n] = _median_ms(one, reps)
+    return out
+
+
+def draft_levels(drafter, prompt_ids, target, levels_list, reps):
+    """{levels: median ms of draft(root, levels)} after a prompt (target states captured)."""
+    from heterospec.verifier import make_verifier
+
+    ver = make_verifier(target)
+    ver.reset()
+    target.captured_hidden = None
+    ver.prefill(prompt_ids[:-1])
+    hidden = target.captured_hidden
+    out = {}
+    for levels in levels_list:
+        def one():
+            drafter.reset(prompt_ids, target_hidden=hidden)
+            drafter.draft(int(prompt_ids[-1]), levels)
+        one()
+        out[levels] = _median_ms(one, reps)
+    # the root pass re-feeds the prompt each time: per-level cost is the slope over levels
+    xs = list(out)
+    mx, my = statistics.mean(xs), statistics.mean(out.values())
+    slope = sum((x - mx) * (out[x] - my) for x in xs) / sum((x - mx) ** 2 for x in xs)
+    return out, slope
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--prefix", type=int, default=300)
+    ap.add_argument("--reps", type=int, default=7)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prompts", type=int, default=1, help="prompts per set for the AR part")
+    ap.add_argument("--parts", default="curve,draft,ar")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    hs = _import_heterospec()
+    from heterospec.bench import HFGenerate
+    from heterospec.eagle3 import SHIPPED_HEAD_DIR, Eagle3Drafter
+    from heterospec.generate import autoregressive_generate
+    from heterospec.prompts import encode, load_prompts
+
+    parts = args.parts.split(",")
+    result = {"threads": args.threads, "prefix": args.prefix, "reps": args.reps,
+              "torch": torch.__version__, "command": " ".join(sys.argv)}
+    targets = {dt: hs.load_target(dtype=getattr(torch, dt)) for dt in ("bfloat16", "float32")}
+    tok = targets["float32"].tokenizer
+    text = " ".join(p["text"] for p in load_prompts("mtbench", 8))
+    prefix = torch.tensor(tok(text).input_ids[:args.prefix])
+    if "curve" in parts:
+        sizes = [1, 2, 4, 8, 12, 16, 24, 32, 48, 64]
+        curves = {}
+        for dt, target in targets.items():
+            for kind in ("lean", "dynamic"):
+                curves[f"{dt} {kind}"] = verify_curve(target, kind, prefix, sizes, args.reps)
+                print(f"curve {dt} {kind}: " + ", ".join(
+                    f"{n}:{ms:.1f}" for n, ms in curves[f'{dt} {kind}'].items()), flush=True)
+        result["curve_ms"] = curves
+        print("\n| verifier | " + " | ".join(f"N={n}" for n in sizes) + " |")
+        print("|---|" + "---|" * len(sizes))
+        for name, c in curves.items():
+            print(f"| {name} | " + " | ".join(f"{c[n]:.1f}" for n in sizes) + " |")
+        for name, c in curves.items():
+            print(f"{name}: N<=16 worst / N=1 = {max(c[n] for n in sizes if n <= 16) / c[1]:.2f}")
+    if "draft" in parts:
+        ids = encode(tok, load_prompts("humaneval", 1)[0]["text"], True)
+        draft = {}
+        for dt, target in targets.items():
+            for k in (8, 4):
+                drafter = Eagle3Drafter.from_pretrained(SHIPPED_HEAD_DIR, target, top_k=k)
+                ms, slope = draft_levels(drafter, ids, target, [1, 2, 3, 4, 5, 6], args.reps)
+                draft[f"eagle3 {dt} k={k}"] = {"levels_ms": ms, "per_level_ms": slope}
+                print(f"eagle3 {dt} top_k {k}: per level {slope:.2f} ms ({ms})", flush=True)
+        for k in (8, 4):
+            drafter = hs.int8_drafter(targets["float32"], top_k=k)
+            ms, slope = draft_levels(drafter, ids, targets["float32"], [1, 2, 3, 4], args.reps)
+            draft[f"int8 k={k}"] = {"levels_ms": ms, "per_level_ms": slope}
+            print(f"int8 top_k {k}: per level {slope:.2f} ms ({ms})", flush=True)
+        result["draft"] = draft
+    if "ar" in parts:
+        prompts = [encode(tok, p["text"], p["chat"]) for s in ("humaneval", "gsm8k", "mtbench")
+                   for p in load_prompts(s, args.prompts)]
+        n = args.new_tokens
+        rows = {}
+        for dt, target in targets.items():
+            hf = HFGenerate(target)
+            for attn in ("eager", "sdpa"):
+                name = f"HF generate {dt} {attn}"
+                hf(f"hf:{dt}:{attn}", prompts[0], 4, 0.0, 0)
+                rows[name] = sum(statistics.median(
+                    hf(f"hf:{dt}:{attn}", ids, n, 0.0, 0)[1] for _ in range(args.reps))
+                    for ids in prompts)
+                print(f"{name}: {n * len(prompts) / rows[name]:.1f} tok/s", flush=True)
+            name = f"our AR loop {dt} lean"
+            autoregressive_generate(target, prompts[0], 4)
+            rows[name] = sum(statistics.median(
+                autoregressive_generate(target, ids, n).stats.wall_time_s
+                for _ in range(args.reps)) for ids in prompts)
+            print(f"{name}: {n * len(prompts) / rows[name]:.1f} tok/s", flush=True)
+        tps = {k: n * len(prompts) / v for k, v in rows.items()}
+        result["ar_tokens_per_s"] = tps
+        best = max((k for k in tps if k.startswith("HF")), key=tps.get)
+        print("\n| decoder | tok/s | vs best HF |\n|---|---|---|")
+        for k, v in tps.items():
+            print(f"| {k} | {v:.1f} | {v / tps[best]:.2f}× |")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+def test_tree_verify_lean_vs_hf_module(benchmark):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hs = _import_heterospec()
+    from heterospec.verifier import make_verifier
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
+    target = hs.CausalLM(LlamaForCausalLM(cfg).eval())
+    prefix = torch.arange(40) % 256
+    toks = torch.arange(16) + 7
+    lean, dyn = make_verifier(target, "lean"), make_verifier(target, "dynamic")
+    for ver in (lean, dyn):
+        ver.reset()
+        ver.prefill(prefix)
+    ref = dyn.tree_forward(toks, torch.arange(16), chain(16))
+    got = benchmark(lambda: lean.tree_forward(toks, torch.arange(16), chain(16)))
+    torch.testing.assert_close(got.float(), ref.float(), atol=1e-4, rtol=1e-4)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""The target's forward for CPU decoding: a Llama-family decoder run layer by layer on weights
+pre-packed for the CPU GEMM library, over a preallocated KV cache.
+
+Why not the Hugging Face module: on a 2-core CPU a decode step of SmolLM2-135M through
+``LlamaForCausalLM`` in bfloat16 spends more time in per-call weight re-layout, mask building and
+small tensor copies than in reading the weights (bench/RESULTS.md). Here each decoder layer is
+four packed GEMMs (q/k/v fused, o, gate/up fused, down), two fused RMSNorms, RoPE from a
+precomputed table and one ``scaled_dot_product_attention`` over the cache; the residual stream
+stays in float32 whatever the weight dtype.
+
+It computes the same function as the HF model (same weights, same normalisation, rotary and
+attention); only the float rounding order differs. ``tests/test_lean_target.py`` compares its
+logits with the HF forward in float32 and bfloat16, on random and real models.
+
+Verifier interface (shared with :class:`~heterospec.target.DynamicTreeCache` and
+:class:`~heterospec.static_cache.StaticTreeCache`): ``reset``, ``prefill`` (append committed
+tokens), ``tree_forward`` (score tree nodes after the committed prefix, uncommitted) and
+``compact`` (commit the accepted nodes).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .errors import GenerationConfigError, UnsupportedModelError
+from .packed_linear import PackedLinear
+from .target import CausalLM
+
+# model_type values whose decoder layer is Llama's (RMSNorm, RoPE, GQA attention, SwiGLU MLP)
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+# RoPE variants whose cos/sin depend only on the position (not on the sequence length)
+STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+# prompt tokens per prefill forward: bounds the mask's memory and returns control to Python
+# (Ctrl-C) between chunks, at no measurable cost in GEMM efficiency
+PREFILL_CHUNK = 512
+
+
+def lean_unsupported_reason(model) -> Optional[str]:
+    """``None`` when :class:`LeanDecoder` can run ``model`` exactly, else why not."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return "the model has no config"
+    mtype = getattr(cfg, "model_type", None)
+    if mtype not in LLAMA_FAMILY:
+        return f"model_type {mtype!r} is not one of {list(LLAMA_FAMILY)}"
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        return f"hidden_act {cfg.hidden_act!r} (only silu)"
+    if getattr(cfg, "mlp_bias", False):
+        return "mlp_bias"
+    layer_types = getattr(cfg, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types) or getattr(cfg, "use_sliding_window", False):
+        return "sliding-window attention"
+    if mtype == "mistral" and getattr(cfg, "sliding_window", None):
+        return "sliding-window attention"
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) \
+        else "default"
+    if rope_type not in STATIC_ROPE_TYPES:
+        return f"rope type {rope_type!r} (only {list(STATIC_ROPE_TYPES)})"
+    body = getattr(model, "model", None)
+    if body is None or not hasattr(body, "layers") or not hasattr(body, "rotary_emb") or \
+            not hasattr(body, "norm") or getattr(model, "lm_head", None) is None:
+        return "not laid out as model.layers / rotary_emb / norm / lm_head"
+    if next(model.parameters()).device.type != "cpu":
+        return "not on the CPU"
+    return None
+
+
+class RopeTable:
+    """Float32 cos/sin ``[positions, head_dim]`` of a HF rotary module, evaluated at every
+    position once and grown on demand (up to ``limit`` positions)."""
+
+    def __init__(self, rotary, limit: int = 1 << 20):
+        self.rotary = rotary
+        self.limit = int(limit)
+        self.cos = self.sin = torch.zeros(0)
+
+    def __call__(self, need: int):
+        if need > self.cos.shape[0]:
+            cap = min(self.limit, max(need, 2 * self.cos.shape[0], 1024))
+            with torch.inference_mode():
+                cos, sin = self.rotary(torch.zeros(1), torch.arange(cap)[None])
+            self.cos, self.sin = cos[0].float(), sin[0].float()
+        return self.cos, self.sin
+
+
+class _Layer:
+    __slots__ = ("qkv", "o", "gate_up", "down", "norm1", "norm2")
+
+
+class LeanWeights:
+    """The target's weights packed once (shared by every :class:`LeanDecoder` of the target:
+    the AR baseline and each generator reuse one copy)."""
+
+    def __init__(self, model, dtype):
+        cfg = model.config
+        self.dtype = dtype
+        self.hidden = int(cfg.hidden_size)
+        self.heads = int(cfg.num_attention_heads)
+        self.kv_heads = int(getattr(cfg, "num_key_value_heads", None) or self.heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or self.hidden // self.heads)
+        self.intermediate = int(cfg.intermediate_size)
+        self.eps = float(cfg.rms_norm_eps)
+        self.context = int(getattr(cfg, "max_position_embeddings", 0) or 1 << 20)
+        body = model.model
+        self.layers: List[_Layer] = []
+        for hf in body.layers:
+            a, m = hf.self_attn, hf.mlp
+            layer = _Layer()
+            layer.qkv = PackedLinear.fuse([a.q_proj, a.k_proj, a.v_proj], dtype)
+            layer.o = PackedLinear(a.o_proj.weight, getattr(a.o_proj, "bias", None), dtype)
+            layer.gate_up = PackedLinear.fuse([m.gate_proj, m.up_proj], dtype)
+            layer.down = PackedLinear(m.down_proj.weight, None, dtype)
+            layer.norm1 = hf.input_layernorm.weight.detach().float()
+            layer.norm2 = hf.post_attention_layernorm.weight.detach().float()
+            self.layers.append(layer)
+        self.embed = body.embed_tokens.weight.detach()
+        self.final_norm = body.norm.weight.detach().float()
+        self.lm_head = PackedLinear(model.lm_head.weight, getattr(model.lm_head, "bias", None),
+                                    dtype)
+        self.rope = RopeTable(body.rotary_emb, self.context)
+
+    @staticmethod
+    def of(target: CausalLM) -> "LeanWeights":
+        """The packed weights of ``target`` (packed on first use, then cached on it)."""
+        cached = getattr(target, "_lean_weights", None)
+        if cached is None or cached.dtype != target.dtype:
+            cached = LeanWeights(target.model, target.dtype)
+            target._lean_weights = cached
+        return cached
+
+
+class LeanDecoder:
+    """Batch-1 decoding forward of a Llama-family target over its own KV cache.
+
+    ``k``/``v``: ``[layers, kv_heads, capacity, head_dim]`` in the weight dtype; ``length``: the
+    committed entries (a host int: this is a CPU path, host reads are free). Capacity grows on
+    demand up to the model's context length."""
+
+    def __init__(self, target: CausalLM, capacity: int = 1024):
+        reason = lean_unsupported_reason(target.model)
+        if reason is not None:
+            raise UnsupportedModelError(f"{target.name} cannot use the lean CPU path: {reason}")
+        self.target = target
+        self.w = LeanWeights.of(target)
+        self.dtype = self.w.dtype
+        self.context = self.w.context
+        self.capacity = 0
+        self.k = self.v = None
+        self.length = 0
+        self._prefix = 0
+        self._grow(min(max(int(capacity), 16), self.context))
+
+    # -- storage
+    def _grow(self, need: int) -> None:
+        if need <= self.capacity:
+            return
+        if need > self.context:
+            raise GenerationConfigError(
+                f"the request needs {need} positions but {self.target.name} has a context of "
+                f"{self.context} tokens")
+        cap = min(self.context, max(need, 2 * self.capacity, 256))
+        with torch.inference_mode():
+            shape = (len(self.w.layers), self.w.kv_heads, cap, self.w.head_dim)
+            k = torch.zeros(shape, dtype=self.dtype)
+            v = torch.zeros(shape, dtype=self.dtype)
+            if self.k is not None and self.length:
+                k[:, :, :self.length] = self.k[:, :, :self.length]
+                v[:, :, :self.length] = self.v[:, :, :self.length]
+            self.k, self.v = k, v
+        self.w.rope(cap)
+        self.capacity = cap
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def committed(self):
+        """``(keys, values)``: per layer ``[1, kv_heads, length, head_dim]`` (for inspection)."""
+        n = self.length
+        return ([self.k[i:i + 1, :, :n] for i in range(len(self.w.layers))],
+                [self.v[i:i + 1, :, :n] for i in range(len(self.w.layers))])
+
+    # -- the verifier interface
+    def reset(self) -> None:
+        self.length = 0
+
+    def prefill(self, ids: torch.Tensor, last_only: bool = True) -> torch.Tensor:
+        """Append committed tokens ``ids`` ``[n]`` int64 causally (in chunks of
+        ``PREFILL_CHUNK``). Returns logits ``[1, V]`` of the last token (``[n, V]`` without
+        ``last_only``) in the weight dtype."""
+        n = int(ids.numel())
+        if n == 0:
+            raise GenerationConfigError("prefill needs at least one token")
+        self._grow(self.length + n)
+        outs, captured = [], []
+        for a in range(0, n, PREFILL_CHUNK):
+            chunk = ids[a:a + PREFILL_CHUNK]
+            m = chunk.numel()
+            start = self.length
+            mask = None
+            if m > 1:
+                rows = torch.arange(m)
+                mask = (torch.arange(start + m)[None, :] <= (start + rows)[:, None])[None, None]
+            last = last_only and a + m == n
+            outs.append(self._forward(chunk, start + torch.arange(m), start, mask,
+                                      rows=slice(m - 1, m) if last else None))
+            if self.target.capture_layer_ids:
+                captured.append(self.target.captured_hidden)
+            self.length += m
+        if captured:
+            self.target.captured_hidden = torch.cat(captured)
+        return outs[-1] if last_only else torch.cat(outs)
+
+    def tree_forward(self, tokens: torch.Tensor, depth: torch.Tensor, ancestors: torch.Tensor,
+                     last_only: bool = False) -> torch.Tensor:
+        """Score tree nodes ``tokens`` ``[n]`` int64 at positions ``length + depth`` (``depth``
+        ``[n]``, root 0) under ``ancestors`` ``[n, n]`` bool (row i sees column j iff j is i or an
+        ancestor of i; every committed entry is visible). Returns logits ``[n, V]``; the entries
+        land after the committed ones, uncommitted until :meth:`compact`."""
+        n = int(tokens.numel())
+        self._grow(self.length + n)
+        self._prefix = start = self.length
+        mask = None
+        if n > 1:
+            mask = torch.ones((n, start + n), dtype=torch.bool)
+            mask[:, start:] = ancestors
+            mask = mask[None, None]
+        rows = slice(n - 1, n) if last_only else None
+        return self._forward(tokens, start + depth, start, mask, rows=rows)
+
+    @torch.inference_mode()
+    def compact(self, accepted_nodes: torch.Tensor, num_accepted) -> None:
+        """Commit the tree entries of ``accepted_nodes`` (tree indices, root first, ``-1``
+        padded; the first ``num_accepted + 1`` are kept) after the committed prefix."""
+        keep = int(num_accepted) + 1
+        nodes = accepted_nodes.reshape(-1)[:keep]
+        start = self._prefix
+        if not bool((nodes == torch.arange(keep)).all()):
+            src = start + nodes
+            self.k[:, :, start:start + keep] = self.k.index_select(2, src)
+            self.v[:, :, start:start + keep] = self.v.index_select(2, src)
+        self.length = start + keep
+
+    # -- the forward
+    @torch.inference_mode()
+    def _forward(self, tokens, positions, start, mask, rows=None) -> torch.Tensor:
+        """Logits of ``tokens`` ``[n]`` at ``positions`` ``[n]``, writing their K/V at cache
+        slots ``start .. start + n - 1``; ``mask`` ``[1, 1, n, start + n]`` bool or ``None`` (all
+        visible). ``rows`` selects the rows whose logits are computed."""
+        target, w = self.target, self.w
+        n = int(tokens.numel())
+        end = start + n
+        dt, nh, nkv, hd = w.dtype, w.heads, w.kv_heads, w.head_dim
+        half, inter, hidden, eps = hd // 2, w.intermediate, w.hidden, w.eps
+        cos, sin = w.rope(end)
+        cos, sin = cos[positions][:, None], sin[positions][:, None]
+        capture = target.capture_layer_ids
+        captured = {}
+        x = w.embed[tokens].float()
+        for index, layer in enumerate(w.layers):
+            if capture and index in capture:
+                captured[index] = x.to(dt)
+            h = F.rms_norm(x, (hidden,), layer.norm1, eps).to(dt)
+            qkv = layer.qkv(h).view(n, nh + 2 * nkv, hd)
+            qk = qkv[:, :nh + nkv].float()
+            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
+            self.k[index, :, start:end] = qk[:, nh:].transpose(0, 1)
+            self.v[index, :, start:end] = qkv[:, nh + nkv:].transpose(0, 1)
+            q = qk[:, :nh].to(dt).transpose(0, 1)[None]
+            attn = F.scaled_dot_product_attention(
+                q, self.k[index:index + 1, :, :end], self.v[index:index + 1, :, :end],
+                attn_mask=mask, enable_gqa=nkv != nh)
+            x = x + layer.o(attn[0].transpose(0, 1).reshape(n, nh * hd))
+            h = F.rms_norm(x, (hidden,), layer.norm2, eps).to(dt)
+            gate_up = layer.gate_up(h)
+            x = x + layer.down(F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
+        target.forward_calls += 1
+        target.forward_tokens += n
+        if capture:
+            target.captured_hidden = torch.cat([captured[i] for i in capture], dim=-1)
+        if rows is not None:
+            x = x[rows]
+        return w.lm_head(F.rms_norm(x, (hidden,), w.final_norm, eps).to(dt))
