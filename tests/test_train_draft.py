@@ -67,13 +67,20 @@ def _head(target, draft_ids, seed=1):
     return head, layers
 
 
+def _pass(target, seqs, layers, directory, **kw):
+    """The target pass of ``seqs`` as one shard's tensors."""
+    shards = td.target_pass(target, seqs, layers, str(directory), **kw)
+    assert len(shards.shards) == 1
+    return shards.load(0)
+
+
 def test_ttt_unroll_matches_inference_tree_chain(tmp_path):
     target = _target()
     g = torch.Generator().manual_seed(3)
     seq = torch.randint(3, VOCAB, (23,), generator=g).tolist()
     draft_ids = torch.arange(3, VOCAB, 2)
     head, layers = _head(target, draft_ids)
-    data = td.target_pass(target, [seq], layers, str(tmp_path / "cache"), "tiny")
+    data = _pass(target, [seq], layers, tmp_path / "cache")
     tokens = data["tokens"].long()[None]
     states = data["states"].float()[None]
     embed = target.model.get_input_embeddings()
@@ -104,7 +111,7 @@ def test_ttt_unroll_rejects_a_wrong_chain(tmp_path):
     target = _target()
     seq = torch.randint(3, VOCAB, (15,), generator=torch.Generator().manual_seed(4)).tolist()
     head, layers = _head(target, torch.arange(3, VOCAB))
-    data = td.target_pass(target, [seq], layers, str(tmp_path / "cache"), "tiny")
+    data = _pass(target, [seq], layers, tmp_path / "cache")
     tokens, states = data["tokens"].long()[None], data["states"].float()[None]
     embed = target.model.get_input_embeddings()
     with torch.no_grad():
@@ -119,36 +126,89 @@ def test_ttt_unroll_rejects_a_wrong_chain(tmp_path):
     assert not torch.allclose(head.logits(wrong)[0], train_logits[1][0, j], atol=1e-3)
 
 
+def test_target_pass_labels_states_and_resume(tmp_path):
+    """Shards hold the target's top-k next-token log-probs and the captured states of every
+    position; an interrupted pass resumes from its last finished shard with the same result."""
+    target = _target(logit_scale=5.0)
+    layers = [2, LAYERS // 2, LAYERS - 3]
+    g = torch.Generator().manual_seed(5)
+    seqs = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (9, 14, 6, 11, 8)]
+    whole = td.target_pass(target, seqs, layers, str(tmp_path / "whole"), topk=5, shard_tokens=10)
+    assert len(whole.shards) >= 3 and whole.tokens == sum(map(len, seqs))
+    first = whole.load(0)
+    s0 = torch.tensor(seqs[0])
+    with torch.no_grad():
+        out = target.model(input_ids=s0[None], output_hidden_states=True)
+    logp = torch.log_softmax(out.logits[0].float(), -1)
+    top = torch.topk(logp, 5)
+    n0 = len(seqs[0])
+    assert torch.equal(first["top_ids"][:n0].long(), top.indices)
+    torch.testing.assert_close(first["top_logp"][:n0].float(), top.values, atol=2e-3, rtol=1e-3)
+    want_states = torch.cat([out.hidden_states[i][0] for i in layers], -1)
+    torch.testing.assert_close(first["states"][:n0].float(), want_states, atol=1e-4, rtol=1e-4)
+    # interrupt after the first shard: a progress callback that raises
+    seen = []
+
+    def stop_after_first_shard(n):
+        seen.append(n)
+        if sum(seen) > 20:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        td.target_pass(target, seqs, layers, str(tmp_path / "split"), topk=5, shard_tokens=10,
+                       progress=stop_after_first_shard)
+    before = target.forward_calls
+    split = td.target_pass(target, seqs, layers, str(tmp_path / "split"), topk=5,
+                           shard_tokens=10)
+    assert 0 < target.forward_calls - before < len(seqs)  # the finished shard is not recomputed
+    for i in range(len(whole.shards)):
+        a, b = whole.load(i), split.load(i)
+        for name in a:
+            assert torch.equal(a[name], b[name]), name
+    with pytest.raises(ValueError, match="other data"):
+        td.target_pass(target, seqs[:2], layers, str(tmp_path / "split"), topk=5,
+                       shard_tokens=20)
+
+
 def test_choose_draft_vocab_frequency_ties_and_specials():
-    tokens = torch.tensor([5, 5, 5, 7, 7, 9, 9, 2, 11], dtype=torch.int32)
-    ids = td.choose_draft_vocab(tokens, 16, 3, always=[0])
+    counts = torch.bincount(torch.tensor([5, 5, 5, 7, 7, 9, 9, 2, 11]), minlength=16)
+    ids = td.choose_draft_vocab(counts, 3, always=[0])
     # 0 forced; then 5 (3x); then 7 and 9 tie (2x) -> the lower id 7
     assert ids.tolist() == [0, 5, 7]
-    assert td.choose_draft_vocab(tokens, 16, 40).numel() == 16
+    assert td.choose_draft_vocab(counts, 40).numel() == 16
+    cov = td.vocab_coverage(counts, torch.bincount(torch.tensor([5, 9]), minlength=16), sizes=(2,))
+    assert cov[2] == {"train": round(5 / 9, 4), "heldout": 0.5}
 
 
-def test_train_draft_loss_falls_and_checkpoint_decodes_exactly(tmp_path):
+def _small_cfg(**kw):
+    base = dict(max_tokens=1500, regenerate_tokens=300, regenerate_max_new=12,
+                regenerate_batch=8, regenerate_prompt_max=64, max_len=64, offset=0,
+                heldout_offset=50, heldout_conversations=6, heldout_prompts=6, topk_labels=8,
+                shard_tokens=400, draft_vocab=32, epochs=3, ttt_steps=2, batch_tokens=256,
+                lr=3e-3, warmup_steps=4, save_dtype="float32", checkpoint_every=5)
+    base.update(kw)
+    return td.TrainConfig(**base)
+
+
+def test_train_draft_learns_evaluates_and_decodes_exactly(tmp_path):
     target = _target(logit_scale=30.0)
-    cfg = td.TrainConfig(max_tokens=2500, max_len=96, draft_vocab=32, epochs=4, ttt_steps=2,
-                         batch_tokens=256, lr=3e-3, warmup_steps=4, save_dtype="float32")
+    cfg = _small_cfg()
     out = tmp_path / "head"
-    cache_dir = str(tmp_path / "cache")
-    prov = td.train_draft(target, _conversations(60), str(out), cfg, cache_dir, "tiny")
-    assert prov["steps"] >= 20
-    assert prov["final_loss"] < 0.8 * prov["first_loss"], prov
-    assert json.loads((out / "TRAINING.json").read_text())["tokens"] == prov["tokens"]
+    prov = td.train_draft(target, _conversations(60), str(out), cfg, str(tmp_path / "work"),
+                          "tiny")
+    assert prov["steps"] >= 20 and prov["complete"]
+    assert prov["data"]["target_answers"] > 0 and prov["data"]["heldout_self"]["answers"] > 0
+    saved = json.loads((out / "TRAINING.json").read_text())
+    assert saved["data"]["train_tokens"] == prov["data"]["train_tokens"]
+    evals = saved["evaluations"]
+    assert [e["epoch"] for e in evals] == [1, 2, 3]
+    for e in evals:
+        for name in ("heldout_sharegpt", "heldout_self"):
+            accs = e[name]["acceptance_per_step"]
+            assert len(accs) == 2 and all(0.0 <= a <= 1.0 for a in accs)
+    # learning shows on held-out data: the loss falls from the first epoch to the last
+    assert evals[-1]["heldout_self"]["loss"] < evals[0]["heldout_self"]["loss"]
     assert prov["draft_vocab"] == 32
-
-    # the cached target pass is reused: no target forward the second time
-    calls = []
-    base = target.model.model
-    handle = base.register_forward_hook(lambda *a: calls.append(1))
-    try:
-        seqs = td.token_sequences(target.tokenizer, _conversations(60), cfg)
-        td.target_pass(target, seqs, prov["capture_layers"], cache_dir, "tiny")
-    finally:
-        handle.remove()
-    assert calls == []
 
     drafter = Eagle3Drafter.from_pretrained(str(out), target, top_k=3)
     policy = hs.StaticTree(depth=3, top_k=3, total_tokens=8)
@@ -160,11 +220,101 @@ def test_train_draft_loss_falls_and_checkpoint_decodes_exactly(tmp_path):
     assert res.stats.cycles < 24
 
 
+def test_interrupted_training_resumes_to_the_same_head(tmp_path):
+    """Stop mid-epoch (after a checkpoint), rerun the same command: the run continues from the
+    checkpoint and data cursor and ends with exactly the head of an uninterrupted run."""
+    target = _target(logit_scale=30.0)
+    convs = _conversations(60)
+    straight = td.train_draft(target, convs, str(tmp_path / "a"), _small_cfg(),
+                              str(tmp_path / "work-a"), "tiny")
+    cfg = _small_cfg()
+
+    class Stop(Exception):
+        pass
+
+    def log(msg):
+        if msg.startswith("step 10/"):
+            raise Stop
+
+    with pytest.raises(Stop):
+        td.train_draft(target, convs, str(tmp_path / "b"), cfg, str(tmp_path / "work-b"),
+                       "tiny", log=log)
+    messages = []
+    resumed = td.train_draft(target, convs, str(tmp_path / "b"), _small_cfg(),
+                             str(tmp_path / "work-b"), "tiny", log=messages.append)
+    assert any(m.startswith("resuming at step 10") for m in messages), messages
+    assert resumed["steps"] == straight["steps"]
+    from safetensors.torch import load_file
+
+    a = load_file(str(tmp_path / "a" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model.safetensors"))
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def test_train_draft_cli_rejects_bad_sizes(tmp_path, capsys):
     from heterospec.cli import main
 
-    rc = main(["train-draft", "--out", str(tmp_path / "h"), "--max-tokens", "0",
+    rc = main(["train-draft", "--out", str(tmp_path / "h"), "--epochs", "0",
                "--model", str(tmp_path / "missing.gguf")])
     assert rc == 2
     err = capsys.readouterr().err
-    assert "--max-tokens must be > 0" in err
+    assert "--epochs must be > 0" in err
+
+
+def test_answer_pass_is_greedy_ar_with_exact_labels_and_resumes(tmp_path):
+    """Self-distillation data: each record is the prompt plus the target's own greedy answer
+    (the AR loop's, EOS included), its labels and states are those of a full forward of the
+    sequence, the token budget stops new prompts, and an interrupted pass resumes."""
+    target = _target(logit_scale=30.0)
+    layers = [2, LAYERS // 2, LAYERS - 3]
+    g = torch.Generator().manual_seed(6)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (4, 9, 2, 6, 5, 3)]
+    shards = td.answer_pass(target, prompts, layers, str(tmp_path / "a"), max_tokens=10 ** 6,
+                            max_new=12, batch=4, topk=6, shard_tokens=30)
+    seen = set()
+    for i in range(len(shards.shards)):
+        shard = shards.load(i)
+        for r, ref in enumerate(shards.shards[i]["refs"]):
+            a, b = int(shard["offsets"][r]), int(shard["offsets"][r + 1])
+            toks = shard["tokens"][a:b].tolist()
+            prompt = prompts[ref]
+            want = hs.autoregressive_generate(target, prompt, 12, stop_token_ids=[1]).token_ids
+            assert toks == prompt + want
+            with torch.no_grad():
+                out = target.model(input_ids=torch.tensor([toks]), output_hidden_states=True)
+            top = torch.topk(torch.log_softmax(out.logits[0].float(), -1), 6)
+            assert torch.equal(shard["top_ids"][a:b].long(), top.indices)
+            torch.testing.assert_close(shard["top_logp"][a:b].float(), top.values, atol=2e-3,
+                                       rtol=1e-3)
+            states = torch.cat([out.hidden_states[i][0] for i in layers], -1)
+            torch.testing.assert_close(shard["states"][a:b].float(), states, atol=1e-4,
+                                       rtol=1e-4)
+            seen.add(ref)
+    assert seen == set(range(len(prompts)))
+    # a budget of 1 answer token: the first batch's prompts only (read lazily)
+    few = td.answer_pass(target, prompts, layers, str(tmp_path / "b"), max_tokens=1, max_new=12,
+                         batch=2, topk=6, shard_tokens=30)
+    assert sum(len(s["refs"]) for s in few.shards) == 2
+
+    class Stop(Exception):
+        pass
+
+    calls = []
+
+    def stop_late(n):
+        calls.append(n)
+        if len(calls) == 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        td.answer_pass(target, prompts, layers, str(tmp_path / "c"), max_tokens=10 ** 6,
+                       max_new=12, batch=2, topk=6, shard_tokens=1, progress=stop_late)
+    done = {r for s in json.loads((tmp_path / "c" / "manifest.json").read_text())["shards"]
+            for r in s["refs"]}
+    assert len(done) == 3  # shards of one record each: written before the interruption
+    before = target.forward_calls
+    resumed = td.answer_pass(target, prompts, layers, str(tmp_path / "c"), max_tokens=10 ** 6,
+                             max_new=12, batch=2, topk=6, shard_tokens=1)
+    assert {r for s in resumed.shards for r in s["refs"]} == set(range(len(prompts)))
+    assert target.forward_calls - before < sum(12 + 1 for _ in prompts)  # 3 prompts skipped

@@ -75,22 +75,35 @@ def build_parser():
                        help="train an EAGLE-3-style draft head for the target (plain PyTorch, CPU)")
     _add_model_args(t)
     t.add_argument("--out", required=True, help="checkpoint directory to write (EAGLE-3 layout)")
-    t.add_argument("--cache-dir", default=None,
-                   help="where the target pass is cached (default: OUT/../.train-cache)")
-    t.add_argument("--max-tokens", type=int, default=200_000, help="training tokens to collect")
-    t.add_argument("--max-len", type=int, default=512, help="tokens per conversation (cut)")
+    t.add_argument("--work-dir", "--cache-dir", dest="work_dir", default=None,
+                   help="where answers, the target pass and the training checkpoint live; a "
+                        "rerun with the same settings resumes there (default: OUT/../.train-work)")
+    t.add_argument("--max-tokens", type=int, default=2_000_000,
+                   help="ShareGPT conversation tokens to train on")
+    t.add_argument("--regenerate-tokens", type=int, default=1_000_000,
+                   help="self-distillation: tokens of the target's own greedy answers to the "
+                        "conversations' first user turns to train on")
+    t.add_argument("--regenerate-max-new", type=int, default=256)
+    t.add_argument("--regenerate-batch", type=int, default=32)
+    t.add_argument("--max-len", type=int, default=768, help="tokens per conversation (cut)")
     t.add_argument("--offset", type=int, default=0, help="first ShareGPT conversation used")
+    t.add_argument("--heldout-offset", type=int, default=16000,
+                   help="first held-out ShareGPT conversation (training uses those before it)")
+    t.add_argument("--heldout-conversations", type=int, default=100)
+    t.add_argument("--heldout-prompts", type=int, default=100)
     t.add_argument("--draft-vocab", type=int, default=8192)
-    t.add_argument("--epochs", type=int, default=2)
+    t.add_argument("--topk-labels", type=int, default=32,
+                   help="target next-token probabilities kept per position (soft labels)")
+    t.add_argument("--epochs", type=int, default=3)
     t.add_argument("--ttt-steps", type=int, default=3, help="training-time-test unroll steps")
     t.add_argument("--batch-tokens", type=int, default=4096)
     t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--warmup-steps", type=int, default=50)
+    t.add_argument("--checkpoint-every", type=int, default=200, help="optimiser steps")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    t.add_argument("--regenerate-tokens", type=int, default=0,
-                   help="self-distillation: also train on this many tokens of the target's own "
-                        "greedy answers to the conversations' first user turns")
-    t.add_argument("--regenerate-max-new", type=int, default=128)
+    t.add_argument("--autocast", default="auto", choices=["auto", "on", "off"],
+                   help="bfloat16 autocast in training (auto: on CPUs with native bf16)")
     t.add_argument("--init-from", default=None,
                    help="continue from this head checkpoint (keeps its draft vocabulary)")
 
@@ -262,42 +275,49 @@ def _cmd_calibrate(args):
 
 
 def _cmd_train_draft(args):
-    torch = _setup_torch(args)
+    _setup_torch(args)
     from .errors import GenerationConfigError
     from .prompts import sharegpt_conversations
-    from .target import load_target
+    from .target import choose_dtype, load_target
     from .train_draft import TrainConfig, train_draft
 
     if args.draft != "int8":
         print("heterospec: note: --draft is ignored by train-draft", file=sys.stderr)
-    cfg = TrainConfig(max_tokens=args.max_tokens, max_len=args.max_len, offset=args.offset,
-                      draft_vocab=args.draft_vocab, epochs=args.epochs, ttt_steps=args.ttt_steps,
-                      batch_tokens=args.batch_tokens, lr=args.lr, seed=args.seed,
-                      save_dtype=args.save_dtype, regenerate_tokens=args.regenerate_tokens,
-                      regenerate_max_new=args.regenerate_max_new, init_from=args.init_from)
-    positive = ["max_len", "draft_vocab", "epochs", "ttt_steps", "batch_tokens"]
-    if args.regenerate_tokens <= 0:
-        positive.insert(0, "max_tokens")
-    for name in positive:
-        if getattr(cfg, name) <= 0:
-            raise GenerationConfigError(f"--{name.replace('_', '-')} must be > 0, got "
-                                        f"{getattr(cfg, name)}")
-    from .target import choose_dtype
-
+    cfg = TrainConfig(max_tokens=args.max_tokens, regenerate_tokens=args.regenerate_tokens,
+                      regenerate_max_new=args.regenerate_max_new,
+                      regenerate_batch=args.regenerate_batch, max_len=args.max_len,
+                      offset=args.offset, heldout_offset=args.heldout_offset,
+                      heldout_conversations=args.heldout_conversations,
+                      heldout_prompts=args.heldout_prompts, draft_vocab=args.draft_vocab,
+                      topk_labels=args.topk_labels, epochs=args.epochs, ttt_steps=args.ttt_steps,
+                      batch_tokens=args.batch_tokens, lr=args.lr, warmup_steps=args.warmup_steps,
+                      checkpoint_every=args.checkpoint_every, seed=args.seed,
+                      save_dtype=args.save_dtype, autocast=args.autocast,
+                      init_from=args.init_from)
+    try:
+        cfg.check()
+    except ValueError as exc:
+        raise GenerationConfigError(f"--{str(exc).replace('_', '-')}") from None
     target = load_target(args.model, dtype=choose_dtype(args.dtype, args.device),
                          device=args.device)
-    # ~7 KB of JSON per conversation, at most max_len tokens each: read only what is needed
-    want = args.offset + max(64, 4 * cfg.max_tokens // cfg.max_len + 64,
-                             2 * cfg.regenerate_tokens // 64 + 64)
-    convs = sharegpt_conversations(limit=want)[args.offset:]
-    cache_dir = args.cache_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)),
-                                               ".train-cache")
-    prov = train_draft(target, convs, args.out, cfg, cache_dir,
-                       target_name=os.path.basename(args.model or "SmolLM2-135M-Instruct.Q4_1.gguf"),
-                       progress_factory=_progress,
-                       log=lambda s: print(s, file=sys.stderr, flush=True),
-                       command="heterospec " + " ".join(sys.argv[1:]))
-    print(json.dumps(prov))
+    convs = sharegpt_conversations()
+    if args.heldout_offset + args.heldout_conversations > len(convs):
+        raise GenerationConfigError(
+            f"--heldout-offset {args.heldout_offset} + --heldout-conversations "
+            f"{args.heldout_conversations} exceed the {len(convs)} ShareGPT conversations")
+    work_dir = args.work_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)),
+                                             ".train-work")
+    try:
+        prov = train_draft(target, convs, args.out, cfg, work_dir,
+                           target_name=os.path.basename(args.model or
+                                                        "SmolLM2-135M-Instruct.Q4_1.gguf"),
+                           progress_factory=_progress,
+                           log=lambda s: print(s, file=sys.stderr, flush=True),
+                           command="heterospec " + " ".join(sys.argv[1:]))
+    except ValueError as exc:
+        raise GenerationConfigError(str(exc)) from None
+    print(json.dumps({k: prov[k] for k in ("steps", "draft_vocab", "greedy_coverage",
+                                           "evaluations", "seconds")}))
     return 0
 
 

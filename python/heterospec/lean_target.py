@@ -249,37 +249,176 @@ class LeanDecoder:
         """Logits of ``tokens`` ``[n]`` at ``positions`` ``[n]``, writing their K/V at cache
         slots ``start .. start + n - 1``; ``mask`` ``[1, 1, n, start + n]`` bool or ``None`` (all
         visible). ``rows`` selects the rows whose logits are computed."""
-        target, w = self.target, self.w
-        n = int(tokens.numel())
-        end = start + n
-        dt, nh, nkv, hd = w.dtype, w.heads, w.kv_heads, w.head_dim
-        half, inter, hidden, eps = hd // 2, w.intermediate, w.hidden, w.eps
-        cos, sin = w.rope(end)
-        cos, sin = cos[positions][:, None], sin[positions][:, None]
-        capture = target.capture_layer_ids
-        captured = {}
-        x = w.embed[tokens].float()
-        for index, layer in enumerate(w.layers):
-            if capture and index in capture:
-                captured[index] = x.to(dt)
-            h = F.rms_norm(x, (hidden,), layer.norm1, eps).to(dt)
-            qkv = layer.qkv(h).view(n, nh + 2 * nkv, hd)
-            qk = qkv[:, :nh + nkv].float()
-            qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
-            self.k[index, :, start:end] = qk[:, nh:].transpose(0, 1)
-            self.v[index, :, start:end] = qkv[:, nh + nkv:].transpose(0, 1)
-            q = qk[:, :nh].to(dt).transpose(0, 1)[None]
-            attn = F.scaled_dot_product_attention(
-                q, self.k[index:index + 1, :, :end], self.v[index:index + 1, :, :end],
-                attn_mask=mask, enable_gqa=nkv != nh)
-            x = x + layer.o(attn[0].transpose(0, 1).reshape(n, nh * hd))
-            h = F.rms_norm(x, (hidden,), layer.norm2, eps).to(dt)
-            gate_up = layer.gate_up(h)
-            x = x + layer.down(F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
-        target.forward_calls += 1
-        target.forward_tokens += n
-        if capture:
-            target.captured_hidden = torch.cat([captured[i] for i in capture], dim=-1)
-        if rows is not None:
-            x = x[rows]
-        return w.lm_head(F.rms_norm(x, (hidden,), w.final_norm, eps).to(dt))
+        end = start + int(tokens.numel())
+        w = self.w
+
+        def attend(index, q, k, v):
+            self.k[index, :, start:end] = k.transpose(0, 1)
+            self.v[index, :, start:end] = v.transpose(0, 1)
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], self.k[index:index + 1, :, :end],
+                self.v[index:index + 1, :, :end], attn_mask=mask,
+                enable_gqa=w.kv_heads != w.heads)
+            return out[0].transpose(0, 1)
+
+        return decoder_forward(self.target, w, tokens, positions, attend, rows)
+
+
+@torch.inference_mode()
+def decoder_forward(target: CausalLM, w: LeanWeights, tokens: torch.Tensor,
+                    positions: torch.Tensor, attend, rows=None) -> torch.Tensor:
+    """The decoder on ``n`` token rows (one or several sequences): embedding, every layer, final
+    norm and the output projection of ``rows`` (all rows when ``None``). ``attend(index, q, k,
+    v)`` stores the layer's keys/values where its cache wants them and returns the attention
+    output ``[n, heads, head_dim]``; it gets ``q`` ``[n, heads, head_dim]`` and ``k``/``v``
+    ``[n, kv_heads, head_dim]`` in the weight dtype, RoPE applied. Sets
+    ``target.captured_hidden`` (``[n, 3H]``) when the target captures layers."""
+    n = int(tokens.numel())
+    dt, nh, nkv, hd = w.dtype, w.heads, w.kv_heads, w.head_dim
+    half, inter, hidden, eps = hd // 2, w.intermediate, w.hidden, w.eps
+    cos, sin = w.rope(int(positions.max()) + 1)
+    cos, sin = cos[positions][:, None], sin[positions][:, None]
+    capture = target.capture_layer_ids
+    captured = {}
+    x = w.embed[tokens].float()
+    for index, layer in enumerate(w.layers):
+        if capture and index in capture:
+            captured[index] = x.to(dt)
+        h = F.rms_norm(x, (hidden,), layer.norm1, eps).to(dt)
+        qkv = layer.qkv(h).view(n, nh + 2 * nkv, hd)
+        qk = qkv[:, :nh + nkv].float()
+        qk = (qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin).to(dt)
+        attn = attend(index, qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:])
+        x = x + layer.o(attn.reshape(n, nh * hd))
+        h = F.rms_norm(x, (hidden,), layer.norm2, eps).to(dt)
+        gate_up = layer.gate_up(h)
+        x = x + layer.down(F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
+    target.forward_calls += 1
+    target.forward_tokens += n
+    if capture:
+        target.captured_hidden = torch.cat([captured[i] for i in capture], dim=-1)
+    if rows is not None:
+        x = x[rows]
+    return w.lm_head(F.rms_norm(x, (hidden,), w.final_norm, eps).to(dt))
+
+
+class BatchGreedyGenerator:
+    """Greedy answers for many prompts on the lean forward, with continuous batching: ``batch``
+    sequences decode together (one forward of ``batch`` rows per step, the weights read once),
+    and a finished sequence's slot takes the next prompt at once.
+
+    :meth:`run` yields, per prompt in order of completion, the record the training pass needs:
+    ``index`` (the prompt's), ``tokens`` (prompt + answer, EOS included when reached), and for
+    every position the captured states ``[T, 3H]`` and the target's top-``topk`` next-token
+    log-probs and ids (``[T, topk]``), computed by the same forwards that chose the tokens."""
+
+    def __init__(self, target: CausalLM, batch: int, capacity: int):
+        reason = lean_unsupported_reason(target.model)
+        if reason is not None:
+            raise UnsupportedModelError(f"{target.name} cannot use the lean CPU path: {reason}")
+        self.target = target
+        self.w = LeanWeights.of(target)
+        self.batch = int(batch)
+        self.capacity = int(capacity)
+        shape = (len(self.w.layers), self.batch, self.w.kv_heads, self.capacity, self.w.head_dim)
+        with torch.inference_mode():
+            self.k = torch.zeros(shape, dtype=self.w.dtype)
+            self.v = torch.zeros(shape, dtype=self.w.dtype)
+
+    def _prefill(self, slot: int, ids: torch.Tensor) -> torch.Tensor:
+        n = int(ids.numel())
+        mask = torch.ones((n, n), dtype=torch.bool).tril_()[None, None]
+        w = self.w
+
+        def attend(index, q, k, v):
+            self.k[index, slot, :, :n] = k.transpose(0, 1)
+            self.v[index, slot, :, :n] = v.transpose(0, 1)
+            out = F.scaled_dot_product_attention(
+                q.transpose(0, 1)[None], self.k[index, slot:slot + 1, :, :n],
+                self.v[index, slot:slot + 1, :, :n], attn_mask=mask,
+                enable_gqa=w.kv_heads != w.heads)
+            return out[0].transpose(0, 1)
+
+        return decoder_forward(self.target, w, ids, torch.arange(n), attend)
+
+    def _step(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """One decode step: ``tokens`` ``[B]`` at positions ``lengths`` ``[B]`` (each row's
+        cached entries), every row attending to its own slot only."""
+        w = self.w
+        width = int(lengths.max()) + 1
+        slots = torch.arange(tokens.numel())
+        visible = (torch.arange(width)[None, :] <= lengths[:, None])[:, None, None, :]
+
+        def attend(index, q, k, v):
+            self.k[index][slots, :, lengths] = k
+            self.v[index][slots, :, lengths] = v
+            out = F.scaled_dot_product_attention(
+                q[:, :, None], self.k[index, :, :, :width], self.v[index, :, :, :width],
+                attn_mask=visible, enable_gqa=w.kv_heads != w.heads)
+            return out[:, :, 0]
+
+        return decoder_forward(self.target, w, tokens, lengths, attend)
+
+    def run(self, prompts, max_new: int, eos: Optional[int], topk: int):
+        """Records for ``prompts`` (lists of token ids), indexed by position."""
+        return self.run_stream(enumerate(prompts), max_new, eos, topk)
+
+    @torch.inference_mode()
+    def run_stream(self, prompts, max_new: int, eos: Optional[int], topk: int):
+        """Records for an iterator of ``(index, prompt)``, read only as slots free up."""
+        import heterospec_ext as hx
+
+        target = self.target
+        pending = iter(prompts)
+        exhausted = False
+        live = {}  # slot -> state dict
+        free = list(range(self.batch))[::-1]
+        while live or not exhausted:
+            while free and not exhausted:
+                nxt = next(pending, None)
+                if nxt is None:
+                    exhausted = True
+                    break
+                index, prompt = nxt
+                if len(prompt) + max_new > self.capacity:
+                    raise GenerationConfigError(
+                        f"prompt {index} ({len(prompt)} tokens) + max_new {max_new} exceed the "
+                        f"generator's capacity {self.capacity}")
+                slot = free.pop()
+                target.captured_hidden = None
+                logits = self._prefill(slot, torch.tensor(prompt, dtype=torch.int64))
+                stats = hx.draft_topk_entropy(logits, topk, 1.0)
+                live[slot] = {"index": index, "tokens": list(prompt), "answer": 0,
+                              "states": [target.captured_hidden],
+                              "ids": [stats.topk_ids], "logp": [stats.topk_logprobs],
+                              "next": int(stats.topk_ids[-1, 0])}
+            if not live:
+                break
+            # every slot decodes each step (rows of free slots, only at the tail, are ignored):
+            # row r reads and writes cache slot r, so no cache ever moves
+            slots = range(self.batch)
+            feed = torch.tensor([live[s]["next"] if s in live else 0 for s in slots],
+                                dtype=torch.int64)
+            lengths = torch.tensor([len(live[s]["tokens"]) if s in live else 0 for s in slots],
+                                   dtype=torch.int64)
+            target.captured_hidden = None
+            logits = self._step(feed, lengths)
+            stats = hx.draft_topk_entropy(logits, topk, 1.0)
+            hidden = target.captured_hidden
+            for r in [s for s in slots if s in live]:
+                st = live[r]
+                tok = int(feed[r])
+                st["tokens"].append(tok)
+                st["answer"] += 1
+                if hidden is not None:
+                    st["states"].append(hidden[r:r + 1])
+                st["ids"].append(stats.topk_ids[r:r + 1])
+                st["logp"].append(stats.topk_logprobs[r:r + 1])
+                st["next"] = int(stats.topk_ids[r, 0])
+                if tok == eos or st["answer"] >= max_new:
+                    done = live.pop(r)
+                    free.append(r)
+                    yield {"index": done["index"], "tokens": done["tokens"],
+                           "states": torch.cat(done["states"]) if hidden is not None else None,
+                           "top_ids": torch.cat(done["ids"]),
+                           "top_logp": torch.cat(done["logp"])}

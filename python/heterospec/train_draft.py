@@ -1,256 +1,130 @@
 """Train an EAGLE-3-style draft head for a target model, in plain PyTorch on CPU.
 
-Pipeline (``heterospec train-draft``):
+Pipeline (``heterospec train-draft``; every stage resumes where it stopped, in ``work_dir``):
 
-1. **Data.** Conversations (ShareGPT by default) formatted with the target's chat template,
-   truncated to ``max_len`` tokens, until ``max_tokens`` tokens are collected.
-2. **Target pass, cached on disk.** One causal forward per conversation records, per position,
-   the inputs of the three EAGLE-3 decoder layers (low, middle, high; the same hooks the
-   inference drafter uses), the final normed hidden state (for soft labels) and the target's
-   greedy token. The cache directory is reused when its ``meta.json`` matches.
-3. **Draft vocabulary.** The ``draft_vocab`` most frequent token ids of the data (plus the
-   tokenizer's special tokens), ascending; ``d2t``/``t2d`` maps as in the official layout.
+1. **Data** (:mod:`heterospec.train_data`). Training sequences: ShareGPT conversations (chat
+   template, cut at ``max_len``) and the target's own greedy answers to their first user turns.
+   Held-out sequences, from conversations never trained on: ShareGPT conversations, and the
+   target's greedy answers to held-out prompts.
+2. **Target pass**, cached on disk in shards: captured states of the three EAGLE-3 layers and the
+   target's top-``topk_labels`` next-token log-probs per position.
+3. **Draft vocabulary**: the ``draft_vocab`` tokens the target most often predicts (its greedy
+   tokens on the training data) plus the special tokens; ``d2t``/``t2d`` as in the official
+   layout. The coverage of held-out greedy tokens is recorded for several sizes.
 4. **Training-time test.** ``ttt_steps`` unrolled steps. Step 0, entry j: ``fc`` of the target
    states of token j with the embedding of token j + 1, position j. Step k: the head's own step
    k - 1 output state at entry j with the embedding of token j + k + 1, position j + k; it
    attends to the step-0 entries 0..j and to its own earlier steps at entry j (its ancestors),
    exactly what a depth-k tree node sees at inference. The label of step k at entry j is the
-   target's distribution at position j + k + 1, renormalised over the draft vocabulary; entries
-   whose target greedy token is outside the draft vocabulary are masked. Step k's loss weighs
-   ``0.8 ** k``.
-5. **Checkpoint** in the official EAGLE-3 layout that :class:`~heterospec.Eagle3Drafter` loads
-   (``config.json`` + ``model.safetensors``; fp16 by default).
+   target's distribution at position j + k + 1 (its top-``topk_labels``, renormalised over the
+   draft vocabulary); entries whose target greedy token is outside the draft vocabulary are
+   masked. Step k's loss weighs ``step_decay ** k``. AdamW, warmup, cosine decay, bfloat16
+   autocast where the CPU has native bf16.
+5. **Checkpoints and evaluation.** ``checkpoint.pt`` (head, optimiser, data cursor, RNG) every
+   ``checkpoint_every`` steps and at each epoch end; after each epoch the per-step acceptance
+   (draft top-1 = target top-1) on both held-out sets goes into ``TRAINING.json`` and the head is
+   written in the official EAGLE-3 layout that :class:`~heterospec.Eagle3Drafter` loads.
 
 The head reuses the target's frozen token embedding; ``norm``/``lm_head`` start as the target's
-final norm and output rows (a logit-lens start, ``fc`` = identity on the high layer, was measured
-worse: on SmolLM2 the layer-27 lens has a cross-entropy of ~38 nats against the target).
+final norm and output rows.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
+import platform
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .eagle3 import Eagle3Head, default_capture_layers, eagle3_config
-from .target import CausalLM
-
-CACHE_VERSION = 1
+from .target import CausalLM, native_bf16_cpu
+from .train_data import (ShardSet, ShardUnion, _write_json, answer_pass, conversation_sequences,
+                         stable_key, target_pass, user_prompts)
 
 
 @dataclass
 class TrainConfig:
-    """Data size, draft vocabulary and optimisation settings (defaults: the shipped head)."""
+    """Data, draft vocabulary and optimisation settings (defaults: the shipped head)."""
 
-    max_tokens: int = 200_000       # target-pass tokens to collect
-    max_len: int = 512              # tokens per conversation (longer ones are cut)
+    max_tokens: int = 2_000_000      # ShareGPT conversation tokens to train on
+    regenerate_tokens: int = 1_000_000  # target-answer tokens to train on (self-distillation)
+    max_len: int = 768               # tokens per conversation (longer ones are cut)
     min_len: int = 16
+    regenerate_max_new: int = 256
+    regenerate_batch: int = 32
+    regenerate_prompt_max: int = 256
+    offset: int = 0                  # first training conversation
+    heldout_offset: int = 16000      # first held-out conversation (never trained on)
+    heldout_conversations: int = 100
+    heldout_prompts: int = 100
+    topk_labels: int = 32
+    shard_tokens: int = 32768
     draft_vocab: int = 8192
-    epochs: int = 2
+    epochs: int = 3
     ttt_steps: int = 3
     step_decay: float = 0.8
-    batch_tokens: int = 4096        # padded tokens per optimiser step
+    batch_tokens: int = 4096         # padded tokens per optimiser step
     lr: float = 1e-3
-    warmup_steps: int = 20
+    warmup_steps: int = 50
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     seed: int = 0
     save_dtype: str = "float16"
-    offset: int = 0                 # first conversation used
+    checkpoint_every: int = 200      # optimiser steps
     capture_layers: Optional[List[int]] = None
-    fc_init: str = "random"         # "random" or "lens" (identity on the high layer's state)
-    # self-distillation: answer the conversations' first user turns with the target's own
-    # greedy decoding (batched HF generate) and train on those sequences
-    regenerate_tokens: int = 0      # target-generated tokens to collect (0: off)
-    regenerate_max_new: int = 128
-    regenerate_batch: int = 48
-    regenerate_prompt_max: int = 256
     init_from: Optional[str] = None  # start from this head checkpoint (keeps its draft vocab)
+    autocast: str = "auto"           # bfloat16 autocast: auto (native bf16 CPUs), on, off
+
+    def check(self) -> None:
+        for name in ("max_len", "draft_vocab", "epochs", "ttt_steps", "batch_tokens",
+                     "topk_labels", "shard_tokens", "checkpoint_every", "regenerate_batch",
+                     "regenerate_max_new"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.max_tokens < 0 or self.regenerate_tokens < 0:
+            raise ValueError("max_tokens and regenerate_tokens must be >= 0")
+        if self.max_tokens == 0 and self.regenerate_tokens == 0:
+            raise ValueError("max_tokens and regenerate_tokens are both 0: no training data")
+        if self.topk_labels > 64:
+            raise ValueError(f"topk_labels must be <= 64, got {self.topk_labels}")
 
 
-# ----------------------------------------------------------------------------- data
+# ----------------------------------------------------------------------------- vocabulary
 
 
-def conversation_messages(conv: dict) -> List[dict]:
-    """ShareGPT ``{"conversations": [{"from", "value"}]}`` as chat-template messages."""
-    roles = {"human": "user", "user": "user", "gpt": "assistant", "chatgpt": "assistant",
-             "bard": "assistant", "bing": "assistant", "assistant": "assistant",
-             "system": "system"}
-    out = []
-    for turn in conv.get("conversations", []) or []:
-        role = roles.get(str(turn.get("from", "")).lower())
-        text = turn.get("value")
-        if role is None or not isinstance(text, str) or not text.strip():
-            continue
-        out.append({"role": role, "content": text})
-    return out
-
-
-def encode_conversation(tokenizer, messages: List[dict]) -> List[int]:
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template(messages, tokenize=True)
-        if isinstance(ids, dict) or hasattr(ids, "keys"):
-            ids = ids["input_ids"]
-        return [int(t) for t in ids]
-    text = "\n\n".join(m["content"] for m in messages)
-    return [int(t) for t in tokenizer(text).input_ids]
-
-
-def token_sequences(tokenizer, conversations: Iterable[dict], cfg: TrainConfig) -> List[List[int]]:
-    """Templated, truncated token sequences until ``cfg.max_tokens`` tokens are collected."""
-    seqs, total = [], 0
-    for conv in conversations:
-        messages = conversation_messages(conv)
-        if not any(m["role"] == "assistant" for m in messages):
-            continue
-        ids = encode_conversation(tokenizer, messages)[: cfg.max_len]
-        if len(ids) < cfg.min_len:
-            continue
-        seqs.append(ids)
-        total += len(ids)
-        if total >= cfg.max_tokens:
-            break
-    return seqs
-
-
-@torch.inference_mode()
-def regenerate(target: CausalLM, conversations: Iterable[dict], cfg: TrainConfig, cache_dir: str,
-               progress: Optional[Callable[[int], None]] = None) -> List[List[int]]:
-    """Prompt + the target's greedy answer (EOS included when reached) for the first user turn
-    of each conversation, until ``cfg.regenerate_tokens`` answer tokens. Batched, left-padded
-    HF ``generate``; cached in ``cache_dir`` by model, prompts and settings."""
-    tok = target.tokenizer
-    prompts = []
-    for conv in conversations:
-        msgs = conversation_messages(conv)
-        first = next((m for m in msgs if m["role"] == "user"), None)
-        if first is None:
-            continue
-        if getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template([first], add_generation_prompt=True, tokenize=True)
-            ids = ids["input_ids"] if hasattr(ids, "keys") else ids
-        else:
-            ids = tok(first["content"]).input_ids
-        ids = [int(t) for t in ids]
-        if 4 <= len(ids) <= cfg.regenerate_prompt_max:
-            prompts.append(ids)
-    h = hashlib.sha256(json.dumps([CACHE_VERSION, "regen", target.name, cfg.regenerate_tokens,
-                                   cfg.regenerate_max_new, cfg.regenerate_batch,
-                                   cfg.regenerate_prompt_max, prompts[:4096]]).encode())
-    path = os.path.join(cache_dir, f"regenerated-{h.hexdigest()[:16]}.json")
-    if os.path.isfile(path):
-        with open(path) as f:
-            seqs = json.load(f)
-        if progress:
-            progress(cfg.regenerate_tokens)
-        return seqs
-    eos = tok.eos_token_id
-    pad = getattr(tok, "pad_token_id", None)
-    pad = eos if pad is None else pad
-    seqs, produced = [], 0
-    for start in range(0, len(prompts), cfg.regenerate_batch):
-        batch = prompts[start:start + cfg.regenerate_batch]
-        width = max(len(p) for p in batch)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in batch], device=target.device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in batch],
-                            device=target.device)
-        out = target.model.generate(ids, attention_mask=mask, do_sample=False,
-                                    max_new_tokens=cfg.regenerate_max_new, pad_token_id=pad)
-        for p, row in zip(batch, out[:, width:].tolist()):
-            answer = []
-            for t in row:
-                answer.append(int(t))
-                if t == eos:
-                    break
-            seqs.append(p + answer)
-            produced += len(answer)
-            if progress:
-                progress(len(answer))
-        if produced >= cfg.regenerate_tokens:
-            break
-    os.makedirs(cache_dir, exist_ok=True)
-    with open(path, "w") as f:
-        json.dump(seqs, f)
-    return seqs
-
-
-# ----------------------------------------------------------------------------- target pass
-
-
-def _cache_key(target_name: str, seqs: List[List[int]], layers: List[int], dtype) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps([CACHE_VERSION, target_name, layers, str(dtype)]).encode())
-    for s in seqs:
-        h.update(len(s).to_bytes(4, "little"))
-        h.update(torch.tensor(s, dtype=torch.int32).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-@torch.inference_mode()
-def target_pass(target: CausalLM, seqs: List[List[int]], layers: List[int], cache_dir: str,
-                target_name: str, progress: Optional[Callable[[int], None]] = None) -> dict:
-    """Captured states ``[T, 3H]`` bf16, final normed states ``[T, H]`` bf16, greedy target
-    tokens ``[T]`` int32 and the tokens ``[T]`` int32 of every sequence, concatenated, with
-    ``offsets`` ``[S + 1]``. Cached as ``cache_dir/target_pass.pt`` keyed by data and model."""
-    key = _cache_key(target_name, seqs, layers, target.dtype)
-    path = os.path.join(cache_dir, "target_pass.pt")
-    meta_path = os.path.join(cache_dir, "meta.json")
-    if os.path.isfile(path) and os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            if json.load(f).get("key") == key:
-                if progress:
-                    progress(sum(len(s) for s in seqs))
-                return torch.load(path, weights_only=True)
-    target.capture_hidden_states(layers)
-    model = target.model
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    head_w = model.get_output_embeddings().weight
-    states, finals, greedy = [], [], []
-    for s in seqs:
-        ids = torch.tensor(s, dtype=torch.int64, device=target.device)[None]
-        out = base(input_ids=ids, use_cache=False)
-        hidden = out.last_hidden_state[0]
-        captured = torch.cat([target._captured.pop(i)[0] for i in sorted(layers)], dim=-1)
-        states.append(captured.to(torch.bfloat16).cpu())
-        finals.append(hidden.to(torch.bfloat16).cpu())
-        greedy.append((hidden @ head_w.T).argmax(-1).to(torch.int32).cpu())
-        if progress:
-            progress(len(s))
-    lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
-    data = {
-        "tokens": torch.tensor([t for s in seqs for t in s], dtype=torch.int32),
-        "offsets": torch.cat((torch.zeros(1, dtype=torch.int64), lengths.cumsum(0))),
-        "states": torch.cat(states),
-        "finals": torch.cat(finals),
-        "greedy": torch.cat(greedy),
-    }
-    os.makedirs(cache_dir, exist_ok=True)
-    torch.save(data, path)
-    with open(meta_path, "w") as f:
-        json.dump({"key": key, "target": target_name, "layers": list(layers),
-                   "sequences": len(seqs), "tokens": int(lengths.sum())}, f, indent=1)
-    return data
-
-
-def choose_draft_vocab(tokens: torch.Tensor, vocab_size: int, size: int,
-                       always: Iterable[int] = ()) -> torch.Tensor:
-    """The ``size`` most frequent ids of ``tokens`` (ties to the lower id) plus ``always``,
-    ascending, as int64 ``[size]``."""
+def choose_draft_vocab(counts: torch.Tensor, size: int, always: Iterable[int] = ()
+                       ) -> torch.Tensor:
+    """The ``size`` ids with the highest ``counts`` (``[V]``; ties to the lower id) plus
+    ``always``, ascending, as int64 ``[size]``."""
+    vocab_size = counts.numel()
     size = min(size, vocab_size)
-    counts = torch.bincount(tokens.long(), minlength=vocab_size).double()
+    counts = counts.double().clone()
     for t in always:
         if 0 <= int(t) < vocab_size:
             counts[int(t)] = float("inf")
     # stable sort on -count keeps ties in id order
     order = torch.sort(-counts, stable=True).indices[:size]
     return torch.sort(order).values
+
+
+def vocab_coverage(train_counts: torch.Tensor, heldout_counts: torch.Tensor,
+                   sizes=(2048, 4096, 8192, 16384, 32768)) -> Dict[int, dict]:
+    """For each draft vocabulary size: the share of the target's greedy tokens it covers on the
+    training data and on held-out data (the vocabulary chosen from the training counts)."""
+    out = {}
+    for size in sizes:
+        if size > train_counts.numel():
+            continue
+        ids = choose_draft_vocab(train_counts, size)
+        out[size] = {"train": round(float(train_counts[ids].sum() / train_counts.sum()), 4),
+                     "heldout": round(float(heldout_counts[ids].sum() /
+                                            max(1, int(heldout_counts.sum()))), 4)}
+    return out
 
 
 # ----------------------------------------------------------------------------- the head
@@ -345,36 +219,40 @@ def ttt_forward(head: Eagle3Head, embed_w: torch.Tensor, tokens: torch.Tensor,
     return logits
 
 
+# ----------------------------------------------------------------------------- loss
+
+
 def ttt_loss(head: Eagle3Head, embed_w: torch.Tensor, batch: dict, steps: int,
              decay: float) -> tuple:
     """Training-time-test loss of one padded batch (see the module docstring).
 
-    ``batch``: ``tokens`` ``[B, T]`` int64, ``states`` ``[B, T, 3H]``, ``target_logp``
-    ``[B, T, Vd]`` float32 (target log-probs over the draft vocabulary), ``valid``
-    ``[B, T]`` bool (real token whose greedy target token lies in the draft vocabulary),
-    ``lengths`` ``[B]``. Returns (loss, per-step accuracies, per-step entry counts)."""
+    ``batch``: ``tokens`` ``[B, T]`` int64, ``states`` ``[B, T, 3H]``, ``label_ids`` ``[B, T, K]``
+    int64 draft ids of the target's top-K next tokens (``-1``: outside the draft vocabulary),
+    ``label_p`` ``[B, T, K]`` float32 their probabilities renormalised over the draft vocabulary,
+    ``valid`` ``[B, T]`` bool (a real position whose target greedy token is in the draft
+    vocabulary), ``lengths`` ``[B]``. Returns (loss, per-step accuracies, per-step counts)."""
     tokens, lengths = batch["tokens"], batch["lengths"]
     t = tokens.shape[1]
     j = torch.arange(t, device=tokens.device)
     total = torch.zeros((), device=tokens.device)
     accs, counts = [], []
     for k, logits in enumerate(ttt_forward(head, embed_w, tokens, batch["states"], steps)):
-        logp = torch.log_softmax(logits.float(), dim=-1)
+        logq = torch.log_softmax(logits.float(), dim=-1)
         label_pos = j + k + 1
         at = label_pos.clamp(max=t - 1)
         ok = (label_pos[None] < lengths[:, None]) & batch["valid"][:, at]
-        tlogp = batch["target_logp"][:, at]
+        ids, p = batch["label_ids"][:, at], batch["label_p"][:, at]
         n = ok.sum()
-        ce = -(tlogp.exp() * logp).sum(-1)
+        ce = -(p * logq.gather(-1, ids.clamp(min=0))).sum(-1)
         total = total + (decay ** k) * (ce * ok).sum() / n.clamp(min=1)
         with torch.no_grad():
-            hit = (logp.argmax(-1) == tlogp.argmax(-1)) & ok
+            hit = (logq.argmax(-1) == ids[..., 0]) & ok
             accs.append(float(hit.sum()) / max(int(n), 1))
             counts.append(int(n))
     return total, accs, counts
 
 
-# ----------------------------------------------------------------------------- training
+# ----------------------------------------------------------------------------- batches
 
 
 def _batches(offsets: torch.Tensor, batch_tokens: int, rng: random.Random) -> List[List[int]]:
@@ -395,80 +273,189 @@ def _batches(offsets: torch.Tensor, batch_tokens: int, rng: random.Random) -> Li
     return batches
 
 
-def _make_batch(data: dict, idx: List[int], lm_rows: torch.Tensor, draft_mask: torch.Tensor,
-                dtype) -> dict:
-    offs = data["offsets"]
+def _make_batch(shard: dict, idx: List[int], draft_of: torch.Tensor, dtype) -> dict:
+    """A padded batch of shard sequences ``idx``; ``draft_of`` ``[V]`` int64 maps target ids to
+    draft ids (``-1`` outside the draft vocabulary)."""
+    offs = shard["offsets"]
     lengths = torch.tensor([int(offs[i + 1] - offs[i]) for i in idx])
-    t = int(lengths.max())
-    bsz = len(idx)
-    width = data["states"].shape[1]
-    h = data["finals"].shape[1]
+    t, bsz = int(lengths.max()), len(idx)
+    width, k = shard["states"].shape[1], shard["top_ids"].shape[1]
     tokens = torch.zeros((bsz, t), dtype=torch.int64)
     states = torch.zeros((bsz, t, width), dtype=dtype)
-    finals = torch.zeros((bsz, t, h), dtype=torch.float32)
-    valid = torch.zeros((bsz, t), dtype=torch.bool)
+    label_ids = torch.full((bsz, t, k), -1, dtype=torch.int64)
+    label_logp = torch.full((bsz, t, k), float("-inf"), dtype=torch.float32)
     for r, i in enumerate(idx):
         a, b = int(offs[i]), int(offs[i + 1])
         n = b - a
-        tokens[r, :n] = data["tokens"][a:b].long()
-        states[r, :n] = data["states"][a:b].to(dtype)
-        finals[r, :n] = data["finals"][a:b].float()
-        valid[r, :n] = draft_mask[data["greedy"][a:b].long()]
-    with torch.no_grad():
-        target_logp = torch.log_softmax(finals @ lm_rows.T, dim=-1)
-    return {"tokens": tokens, "states": states, "target_logp": target_logp, "valid": valid,
-            "lengths": lengths}
+        tokens[r, :n] = shard["tokens"][a:b].long()
+        states[r, :n] = shard["states"][a:b].to(dtype)
+        label_ids[r, :n] = draft_of[shard["top_ids"][a:b].long()]
+        label_logp[r, :n] = shard["top_logp"][a:b].float()
+    label_logp = label_logp.masked_fill(label_ids < 0, float("-inf"))
+    label_p = torch.softmax(label_logp, dim=-1).nan_to_num(0.0)
+    valid = label_ids[..., 0] >= 0
+    return {"tokens": tokens, "states": states, "label_ids": label_ids, "label_p": label_p,
+            "valid": valid, "lengths": lengths}
 
 
-def train_head(head: Eagle3Head, embed_w: torch.Tensor, lm_rows: torch.Tensor,
-               draft_mask: torch.Tensor, data: dict, cfg: TrainConfig,
-               log: Optional[Callable[[dict], None]] = None,
-               progress: Optional[Callable[[int], None]] = None) -> List[dict]:
-    """AdamW with linear warmup and cosine decay over ``cfg.epochs`` passes of ``data``.
-    Returns the per-step log (loss, per-step accuracies)."""
-    rng = random.Random(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    head.train()
-    params = [p for p in head.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                            betas=(0.9, 0.95))
-    plan = [_batches(data["offsets"], cfg.batch_tokens, rng) for _ in range(cfg.epochs)]
-    total_steps = sum(len(p) for p in plan)
+def _autocast(cfg: TrainConfig):
+    on = cfg.autocast == "on" or (cfg.autocast == "auto" and native_bf16_cpu())
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=on)
 
-    def lr_at(step):
+
+@torch.no_grad()
+def evaluate(head: Eagle3Head, embed_w: torch.Tensor, shards: ShardSet, draft_of: torch.Tensor,
+             cfg: TrainConfig) -> dict:
+    """Per-step acceptance (draft top-1 = target top-1, among positions whose target top-1 is in
+    the draft vocabulary) and the mean loss on a held-out shard set."""
+    was_training = head.training
+    head.eval()
+    hits = [0.0] * cfg.ttt_steps
+    counts = [0] * cfg.ttt_steps
+    loss_sum, batches = 0.0, 0
+    for s in range(len(shards.shards)):
+        shard = shards.load(s)
+        for idx in _batches(shard["offsets"], cfg.batch_tokens, random.Random(0)):
+            batch = _make_batch(shard, idx, draft_of, torch.float32)
+            with _autocast(cfg):
+                loss, accs, ns = ttt_loss(head, embed_w, batch, cfg.ttt_steps, cfg.step_decay)
+            loss_sum += float(loss)
+            batches += 1
+            for k in range(cfg.ttt_steps):
+                hits[k] += accs[k] * ns[k]
+                counts[k] += ns[k]
+    head.train(was_training)
+    return {"acceptance_per_step": [round(h / max(c, 1), 4) for h, c in zip(hits, counts)],
+            "positions_per_step": counts, "loss": round(loss_sum / max(batches, 1), 4)}
+
+
+# ----------------------------------------------------------------------------- training
+
+
+class Trainer:
+    """AdamW with linear warmup and cosine decay over ``cfg.epochs`` passes of the training
+    shards, resumable from ``checkpoint.pt`` in ``work_dir``: the data order of epoch e is a
+    permutation of the shards and of each shard's batches seeded by (seed, e, shard), so a
+    cursor (epoch, shard position, batch position) says exactly what is left."""
+
+    def __init__(self, head: Eagle3Head, embed_w: torch.Tensor, draft_of: torch.Tensor,
+                 train: ShardSet, cfg: TrainConfig, work_dir: str, key: str):
+        self.head, self.embed_w, self.draft_of = head, embed_w, draft_of
+        self.train_set, self.cfg, self.key = train, cfg, key
+        self.path = os.path.join(work_dir, "checkpoint.pt")
+        params = [p for p in head.parameters() if p.requires_grad]
+        self.params = params
+        self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                     betas=(0.9, 0.95))
+        self.step, self.epoch, self.shard_pos, self.batch_pos = 0, 0, 0, 0
+        self.tokens_done = 0
+        self.history: List[dict] = []
+        self.evals: List[dict] = []
+        self.seconds = 0.0
+        # batches per epoch (same for every epoch: the shards' batches, only reordered)
+        self.batches_per_epoch = sum(len(self._shard_batches(0, s)) for s in
+                                     range(len(train.shards)))
+        self.total_steps = self.batches_per_epoch * cfg.epochs
+
+    def _shard_order(self, epoch: int) -> List[int]:
+        order = list(range(len(self.train_set.shards)))
+        random.Random(f"{self.cfg.seed}/{epoch}").shuffle(order)
+        return order
+
+    def _shard_batches(self, epoch: int, shard_index: int, shard: Optional[dict] = None):
+        offsets = shard["offsets"] if shard is not None else \
+            self.train_set.load(shard_index)["offsets"]
+        return _batches(offsets, self.cfg.batch_tokens,
+                        random.Random(f"{self.cfg.seed}/{epoch}/{shard_index}"))
+
+    def lr_at(self, step: int) -> float:
+        cfg = self.cfg
         if step < cfg.warmup_steps:
             return cfg.lr * (step + 1) / cfg.warmup_steps
-        frac = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
-        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+        frac = (step - cfg.warmup_steps) / max(1, self.total_steps - cfg.warmup_steps)
+        return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(frac, 1.0))))
 
-    history, step = [], 0
-    dtype = head.fc.weight.dtype
-    for epoch, batches in enumerate(plan):
-        for idx in batches:
-            batch = _make_batch(data, idx, lm_rows, draft_mask, dtype)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step)
-            loss, accs, counts = ttt_loss(head, embed_w, batch, cfg.ttt_steps, cfg.step_decay)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            rec = {"step": step, "epoch": epoch, "loss": float(loss.detach()), "acc": accs,
-                   "entries": counts, "lr": lr_at(step)}
-            history.append(rec)
-            if log:
-                log(rec)
-            if progress:
-                progress(int(batch["lengths"].sum()))
-            step += 1
-    head.eval()
-    return history
+    # -- checkpoints
+    def save(self) -> None:
+        state = {"key": self.key, "head": self.head.state_dict(), "opt": self.opt.state_dict(),
+                 "step": self.step, "epoch": self.epoch, "shard_pos": self.shard_pos,
+                 "batch_pos": self.batch_pos, "tokens_done": self.tokens_done,
+                 "history": self.history, "evals": self.evals,
+                 "seconds": self.seconds + time.time() - self._t0,
+                 "torch_rng": torch.get_rng_state()}
+        torch.save(state, self.path + ".tmp")
+        os.replace(self.path + ".tmp", self.path)
+
+    def try_resume(self) -> bool:
+        if not os.path.isfile(self.path):
+            return False
+        state = torch.load(self.path, weights_only=False)
+        if state.get("key") != self.key:
+            raise ValueError(f"{self.path} is a checkpoint of another training run (other data or "
+                             "settings); use a fresh --work-dir or delete it")
+        self.head.load_state_dict(state["head"])
+        self.opt.load_state_dict(state["opt"])
+        for name in ("step", "epoch", "shard_pos", "batch_pos", "tokens_done", "history",
+                     "evals", "seconds"):
+            setattr(self, name, state[name])
+        torch.set_rng_state(state["torch_rng"])
+        return True
+
+    # -- the loop
+    def run(self, on_epoch: Callable[[int], None], log: Callable[[dict], None],
+            progress=None) -> None:
+        cfg, head = self.cfg, self.head
+        head.train()
+        self._t0 = time.time()
+        dtype = torch.float32
+        while self.epoch < cfg.epochs:
+            order = self._shard_order(self.epoch)
+            while self.shard_pos < len(order):
+                s = order[self.shard_pos]
+                shard = self.train_set.load(s)
+                batches = self._shard_batches(self.epoch, s, shard)
+                while self.batch_pos < len(batches):
+                    batch = _make_batch(shard, batches[self.batch_pos], self.draft_of, dtype)
+                    lr = self.lr_at(self.step)
+                    for group in self.opt.param_groups:
+                        group["lr"] = lr
+                    with _autocast(cfg):
+                        loss, accs, counts = ttt_loss(head, self.embed_w, batch, cfg.ttt_steps,
+                                                      cfg.step_decay)
+                    self.opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if cfg.grad_clip:
+                        torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip)
+                    self.opt.step()
+                    n_tok = int(batch["lengths"].sum())
+                    rec = {"step": self.step, "epoch": self.epoch, "loss": round(float(loss.detach()), 5),
+                           "acc": [round(a, 4) for a in accs], "lr": lr}
+                    self.history.append(rec)
+                    log(rec)
+                    self.step += 1
+                    self.batch_pos += 1
+                    self.tokens_done += n_tok
+                    if progress is not None:
+                        progress(n_tok)
+                    if self.step % cfg.checkpoint_every == 0:
+                        self.save()
+                self.shard_pos += 1
+                self.batch_pos = 0
+            self.epoch += 1
+            self.shard_pos = 0
+            on_epoch(self.epoch)
+            self.save()
+        head.eval()
+
+    @property
+    def elapsed(self) -> float:
+        return self.seconds + time.time() - self._t0
 
 
-def save_head(head: Eagle3Head, config: dict, out_dir: str, dtype: str, provenance: dict) -> None:
-    """Write ``config.json``, ``model.safetensors`` (official names, ``d2t``/``t2d``) and
-    ``TRAINING.json`` (how the head was made)."""
+def save_head(head: Eagle3Head, config: dict, out_dir: str, dtype: str) -> None:
+    """Write ``config.json`` and ``model.safetensors`` (official names, ``d2t``/``t2d``)."""
+    import json
+
     from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)
@@ -477,47 +464,94 @@ def save_head(head: Eagle3Head, config: dict, out_dir: str, dtype: str, provenan
                if not name.startswith("embed")}
     tensors["d2t"] = head.d2t.clone()
     tensors["t2d"] = head.t2d.clone()
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"))
+    save_file(tensors, os.path.join(out_dir, "model.safetensors.tmp"))
+    os.replace(os.path.join(out_dir, "model.safetensors.tmp"),
+               os.path.join(out_dir, "model.safetensors"))
     cfg = dict(config, torch_dtype=dtype)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f, indent=1)
-    with open(os.path.join(out_dir, "TRAINING.json"), "w") as f:
-        json.dump(provenance, f, indent=1)
 
 
-def train_draft(target: CausalLM, conversations: Iterable[dict], out_dir: str, cfg: TrainConfig,
-                cache_dir: str, target_name: str, progress_factory=None,
+# ----------------------------------------------------------------------------- pipeline
+
+
+def _stage(progress_factory, total, desc):
+    bar = progress_factory(total, desc) if progress_factory else None
+    return bar, (bar.update if bar is not None else None)
+
+
+def train_draft(target: CausalLM, conversations: List[dict], out_dir: str, cfg: TrainConfig,
+                work_dir: str, target_name: str, progress_factory=None,
                 log: Optional[Callable[[str], None]] = None,
                 command: Optional[str] = None) -> dict:
-    """The whole pipeline; returns the provenance dict also written to ``TRAINING.json``
-    (``command``: the command line that ran it, recorded there)."""
+    """The whole pipeline (module docstring). ``conversations``: ShareGPT conversations by index
+    (the training ones are ``[offset, heldout_offset)``, the held-out ones follow
+    ``heldout_offset``). Returns the provenance written to ``out_dir/TRAINING.json`` (also after
+    every epoch, with the evaluations so far)."""
+    cfg.check()
+    if cfg.heldout_offset < cfg.offset:
+        raise ValueError(f"heldout_offset ({cfg.heldout_offset}) must be >= offset ({cfg.offset})")
     say = log or (lambda s: None)
+    os.makedirs(work_dir, exist_ok=True)
     t_start = time.time()
+    times = {}
     layers = cfg.capture_layers or default_capture_layers(len(target.decoder_layers()))
-    conversations = list(conversations)
-    seqs = token_sequences(target.tokenizer, conversations, cfg) if cfg.max_tokens > 0 else []
-    if cfg.regenerate_tokens > 0:
-        bar = progress_factory(cfg.regenerate_tokens, "regenerate") if progress_factory else None
-        t0 = time.time()
-        regen = regenerate(target, conversations, cfg, cache_dir,
-                           progress=bar.update if bar is not None else None)
+    tok = target.tokenizer
+    train_convs = conversations[cfg.offset:cfg.heldout_offset]
+    held_convs = conversations[cfg.heldout_offset:]
+
+    # 1. sequences and prompts
+    sharegpt = conversation_sequences(tok, train_convs, cfg.max_tokens, cfg.max_len, cfg.min_len)
+    train_prompts = user_prompts(tok, train_convs, cfg.regenerate_prompt_max) \
+        if cfg.regenerate_tokens > 0 else []
+    held_sharegpt = conversation_sequences(tok, held_convs[:cfg.heldout_conversations],
+                                           1 << 62, cfg.max_len, cfg.min_len)
+    held_prompts = user_prompts(tok, held_convs, cfg.regenerate_prompt_max)[:cfg.heldout_prompts]
+
+    # 2. the target's answers (with their labels) and the target pass over conversations
+    t0 = time.time()
+    passes = {}
+
+    def answers(name, prompts, budget):
+        total = min(budget, len(prompts) * cfg.regenerate_max_new)
+        bar, upd = _stage(progress_factory, total, f"target answers ({name})")
+        passes[name] = answer_pass(target, prompts, layers, os.path.join(work_dir, f"pass-{name}"),
+                                   budget, cfg.regenerate_max_new, cfg.regenerate_batch,
+                                   cfg.topk_labels, cfg.shard_tokens, upd)
         if bar is not None:
             bar.close()
-        say(f"regenerated {len(regen)} answers with the target in {time.time() - t0:.0f} s")
-        seqs = seqs + regen
-    if not seqs:
-        raise ValueError("no usable training conversations (need an assistant turn and "
-                         f">= {cfg.min_len} tokens)")
-    n_tokens = sum(len(s) for s in seqs)
-    say(f"data: {len(seqs)} conversations, {n_tokens} tokens (max_len {cfg.max_len})")
-    bar = progress_factory(n_tokens, "target pass") if progress_factory else None
-    t0 = time.time()
-    data = target_pass(target, seqs, layers, cache_dir, target_name,
-                       progress=bar.update if bar is not None else None)
-    if bar is not None:
-        bar.close()
-    t_pass = time.time() - t0
-    tok = target.tokenizer
+
+    def conversations_pass(name, seqs):
+        bar, upd = _stage(progress_factory, sum(len(s) for s in seqs), f"target pass ({name})")
+        passes[name] = target_pass(target, seqs, layers, os.path.join(work_dir, f"pass-{name}"),
+                                   cfg.topk_labels, cfg.shard_tokens, upd)
+        if bar is not None:
+            bar.close()
+
+    answers("heldout-self", held_prompts, 1 << 62)
+    conversations_pass("heldout-sharegpt", held_sharegpt)
+    if train_prompts:
+        answers("train-answers", train_prompts, cfg.regenerate_tokens)
+    if sharegpt:
+        conversations_pass("train-sharegpt", sharegpt)
+    times["data_and_target_pass"] = round(time.time() - t0, 1)
+    train_sets = [passes[n] for n in ("train-answers", "train-sharegpt") if n in passes]
+    train_set = ShardUnion(train_sets)
+    n_tokens = train_set.tokens
+    if not n_tokens:
+        raise ValueError("no usable training sequences (need conversations with an assistant "
+                         f"turn and >= {cfg.min_len} tokens, or prompts to answer)")
+    answer_manifest = passes["train-answers"].manifest if "train-answers" in passes else {}
+    say(f"data: {len(sharegpt)} conversations ({sum(map(len, sharegpt))} tokens) + "
+        f"{sum(len(sh['refs']) for sh in answer_manifest.get('shards', []))} target answers "
+        f"({answer_manifest.get('answer_tokens', 0)} answer tokens); held-out: "
+        f"{len(held_sharegpt)} conversations, {len(held_prompts)} target answers")
+
+    # 3. draft vocabulary (from the target's greedy tokens on the training data)
+    v = target.vocab_size
+    train_counts = train_set.greedy_counts(v)
+    held_counts = passes["heldout-self"].greedy_counts(v) + \
+        passes["heldout-sharegpt"].greedy_counts(v)
     specials = [int(i) for i in (getattr(tok, "all_special_ids", None) or [])]
     init_state = None
     if cfg.init_from:
@@ -528,62 +562,98 @@ def train_draft(target: CausalLM, conversations: Iterable[dict], out_dir: str, c
         d2t = init_state.get("d2t", torch.zeros(vd, dtype=torch.int64))
         draft_ids = torch.arange(vd) + d2t.long()
     else:
-        draft_ids = choose_draft_vocab(data["tokens"], target.vocab_size, cfg.draft_vocab,
-                                       specials)
-    draft_mask = torch.zeros(target.vocab_size, dtype=torch.bool)
-    draft_mask[draft_ids] = True
-    coverage = float(draft_mask[data["tokens"].long()].float().mean())
-    greedy_cov = float(draft_mask[data["greedy"].long()].float().mean())
-    say(f"draft vocab {draft_ids.numel()}: covers {coverage:.1%} of data tokens, "
-        f"{greedy_cov:.1%} of target greedy tokens")
+        draft_ids = choose_draft_vocab(train_counts, cfg.draft_vocab, specials)
+    draft_of = torch.full((v,), -1, dtype=torch.int64)
+    draft_of[draft_ids] = torch.arange(draft_ids.numel())
+    coverage = vocab_coverage(train_counts, held_counts)
+    chosen_cov = {"train": round(float(train_counts[draft_ids].sum() / train_counts.sum()), 4),
+                  "heldout": round(float(held_counts[draft_ids].sum() /
+                                         max(1, int(held_counts.sum()))), 4)}
+    say(f"draft vocab {draft_ids.numel()}: covers {chosen_cov['train']:.1%} of the target's "
+        f"greedy tokens on the training data, {chosen_cov['heldout']:.1%} held out")
 
+    # 4. the head and its training
     config = head_config(target, int(draft_ids.numel()), layers)
-    head = Eagle3Head(eagle3_config(config))
-    init_head(head, target, draft_ids, cfg.fc_init)
+    with torch.random.fork_rng():  # the initial weights depend on cfg.seed only
+        torch.manual_seed(cfg.seed)
+        head = Eagle3Head(eagle3_config(config))
+        init_head(head, target, draft_ids)
     if init_state is not None:
         with torch.no_grad():
             for name, p in head.named_parameters():
                 if name in init_state:
                     p.copy_(init_state[name].float())
+    head = head.float()
     embed_w = target.model.get_input_embeddings().weight.detach().float()
-    lm_rows = target.model.get_output_embeddings().weight.detach()[draft_ids].float()
-    bar = progress_factory(n_tokens * cfg.epochs, "train") if progress_factory else None
-    t0 = time.time()
-    every = 5
+    key = stable_key("train", asdict(cfg), [t.manifest["key"] for t in train_sets],
+                     draft_ids.tolist())
+    trainer = Trainer(head, embed_w, draft_of, train_set, cfg, work_dir, key)
+    resumed = trainer.try_resume()
+    if resumed:
+        say(f"resuming at step {trainer.step} (epoch {trainer.epoch}, "
+            f"{trainer.tokens_done} tokens done)")
+    provenance = {
+        "target": target_name, "target_dtype": str(target.dtype).replace("torch.", ""),
+        "init_from": cfg.init_from, "config": asdict(cfg), "capture_layers": list(layers),
+        "data": {"sharegpt_conversations": len(sharegpt),
+                 "sharegpt_tokens": sum(map(len, sharegpt)),
+                 "target_answers": sum(len(sh["refs"]) for sh in
+                                       answer_manifest.get("shards", [])),
+                 "target_answer_tokens": answer_manifest.get("answer_tokens", 0),
+                 "train_tokens": n_tokens,
+                 "heldout_sharegpt": {"conversations": len(held_sharegpt),
+                                      "tokens": passes["heldout-sharegpt"].tokens,
+                                      "first_conversation": cfg.heldout_offset},
+                 "heldout_self": {"answers": len(held_prompts),
+                                  "tokens": passes["heldout-self"].tokens}},
+        "draft_vocab": int(draft_ids.numel()), "greedy_coverage": chosen_cov,
+        "vocab_coverage_by_size": coverage, "steps_per_epoch": trainer.batches_per_epoch,
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+        "cpu_native_bf16": native_bf16_cpu(), "command": command,
+    }
+
+    def write_provenance(final: bool):
+        last = trainer.history[-min(50, len(trainer.history)):] or [{"loss": float("nan"),
+                                                                    "acc": []}]
+        provenance.update({
+            "steps": trainer.step, "epochs_done": trainer.epoch, "evaluations": trainer.evals,
+            "final_train_loss": round(sum(r["loss"] for r in last) / len(last), 4),
+            "final_train_acc_per_step": [round(sum(r["acc"][k] for r in last) / len(last), 4)
+                                         for k in range(len(last[0]["acc"]))],
+            "seconds": {**times, "train": round(trainer.elapsed, 1),
+                        "total_this_run": round(time.time() - t_start, 1)},
+            "complete": final})
+        _write_json(os.path.join(out_dir, "TRAINING.json"), provenance)
+
+    def on_epoch(epoch):
+        ev = {"epoch": epoch, "step": trainer.step,
+              "heldout_sharegpt": evaluate(head, embed_w, passes["heldout-sharegpt"], draft_of,
+                                           cfg),
+              "heldout_self": evaluate(head, embed_w, passes["heldout-self"], draft_of, cfg)}
+        trainer.evals.append(ev)
+        say(f"epoch {epoch}: held-out acceptance per step: ShareGPT "
+            f"{ev['heldout_sharegpt']['acceptance_per_step']}, target answers "
+            f"{ev['heldout_self']['acceptance_per_step']}")
+        save_head(head, config, out_dir, cfg.save_dtype)
+        write_provenance(final=epoch == cfg.epochs)
+
+    every = 10
 
     def log_step(rec):
         if rec["step"] % every == 0:
-            accs = " ".join(f"{a:.3f}" for a in rec["acc"])
-            say(f"step {rec['step']} epoch {rec['epoch']} loss {rec['loss']:.4f} "
-                f"acc/step {accs} lr {rec['lr']:.2e}")
+            say(f"step {rec['step']}/{trainer.total_steps} epoch {rec['epoch']} loss "
+                f"{rec['loss']:.4f} acc/step {' '.join(f'{a:.3f}' for a in rec['acc'])} "
+                f"lr {rec['lr']:.2e}")
 
-    history = train_head(head, embed_w, lm_rows, draft_mask, data, cfg, log=log_step,
-                         progress=bar.update if bar is not None else None)
+    os.makedirs(out_dir, exist_ok=True)
+    bar = progress_factory(n_tokens * cfg.epochs, "train") if progress_factory else None
+    if bar is not None:
+        bar.update(trainer.tokens_done)
+    trainer.run(on_epoch, log_step, bar.update if bar is not None else None)
     if bar is not None:
         bar.close()
-    t_train = time.time() - t0
-    last = history[-min(20, len(history)):]
-    provenance = {
-        "target": target_name,
-        "init_from": cfg.init_from,
-        "config": asdict(cfg),
-        "capture_layers": list(layers),
-        "conversations": len(seqs),
-        "tokens": n_tokens,
-        "draft_vocab": int(draft_ids.numel()),
-        "draft_vocab_coverage": round(coverage, 4),
-        "greedy_coverage": round(greedy_cov, 4),
-        "steps": len(history),
-        "first_loss": round(history[0]["loss"], 4),
-        "final_loss": round(sum(r["loss"] for r in last) / len(last), 4),
-        "final_acc_per_step": [round(sum(r["acc"][k] for r in last) / len(last), 4)
-                               for k in range(cfg.ttt_steps)],
-        "seconds_target_pass": round(t_pass, 1),
-        "seconds_train": round(t_train, 1),
-        "seconds_total": round(time.time() - t_start, 1),
-        "threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "command": command,
-    }
-    save_head(head, config, out_dir, cfg.save_dtype, provenance)
+    if not trainer.evals or trainer.evals[-1]["epoch"] != cfg.epochs:
+        on_epoch(cfg.epochs)  # resumed after the last epoch's evaluation was lost
+    write_provenance(final=True)
     return provenance
