@@ -97,16 +97,21 @@ def greedy_composition(inp):
     return _outputs(cands, cur, num, path, rows, amax[rows, cur])
 
 
-def sampling_composition(inp, temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P):
-    cands, parents, u = inp["cands"], inp["parents"], inp["uniforms"]
-    probs = torch.softmax(inp["logits"].float() / temperature, -1)  # every row
+def renormalised_probs(logits, temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P):
+    """softmax(logits / T) -> top-k renorm -> top-p renorm over every row (SGLang's sequence)."""
+    probs = torch.softmax(logits.float() / temperature, -1)
     kth = torch.topk(probs, top_k, -1).values[..., -1:]
     probs = torch.where(probs >= kth, probs, 0.0)
     probs = probs / probs.sum(-1, keepdim=True)
     desc, order = torch.sort(probs, -1, descending=True)
     drop = (torch.cumsum(desc, -1) - desc) >= top_p
     probs = probs.scatter(-1, order, torch.where(drop, 0.0, desc))
-    probs = probs / probs.sum(-1, keepdim=True)
+    return probs / probs.sum(-1, keepdim=True)
+
+
+def sampling_composition(inp, temperature=TEMPERATURE, top_k=TOP_K, top_p=TOP_P):
+    cands, parents, u = inp["cands"], inp["parents"], inp["uniforms"]
+    probs = renormalised_probs(inp["logits"], temperature, top_k, top_p)
 
     def accept(rows, cur, c, x, rejected_mass):
         px = probs[rows, cur, x]
