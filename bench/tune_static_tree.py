@@ -29,6 +29,7 @@ def main(argv=None):
     ap.add_argument("--offset", type=int, default=2000)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,8 +43,10 @@ def main(argv=None):
     from heterospec.eagle3 import Eagle3Drafter
     from heterospec.prompts import encode, load_prompts
 
+    from heterospec.target import choose_dtype
+
     torch.set_num_threads(args.threads)
-    target = hs.load_target(args.model)
+    target = hs.load_target(args.model, dtype=choose_dtype(args.dtype))
     prompts = [encode(target.tokenizer, p["text"], True)[-256:]
                for p in load_prompts("sharegpt", args.prompts, offset=args.offset)]
     n = args.max_new_tokens
@@ -96,7 +99,8 @@ def main(argv=None):
     for r in results:
         print(f"| {r['depth']} | {r['top_k']} | {r['total_tokens']} | {r['tokens_per_s']:.1f} | "
               f"{r['speedup']:.2f}× | {r['tau']:.2f} | {r['verified_per_cycle']:.1f} |")
-    meta = {"draft": args.draft, "prompts": args.prompts, "offset": args.offset,
+    meta = {"draft": args.draft, "dtype": str(target.dtype).replace("torch.", ""),
+            "prompts": args.prompts, "offset": args.offset,
             "max_new_tokens": n, "threads": args.threads, "seconds": round(time.time() - t0, 1),
             "command": "python bench/tune_static_tree.py " + " ".join(sys.argv[1:])}
     if args.out:
