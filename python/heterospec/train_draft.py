@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from .eagle3 import Eagle3Head, default_capture_layers, eagle3_config
+from .errors import DataError
 from .target import CausalLM
 
 CACHE_VERSION = 1
@@ -506,8 +507,8 @@ def train_draft(target: CausalLM, conversations: Iterable[dict], out_dir: str, c
         say(f"regenerated {len(regen)} answers with the target in {time.time() - t0:.0f} s")
         seqs = seqs + regen
     if not seqs:
-        raise ValueError("no usable training conversations (need an assistant turn and "
-                         f">= {cfg.min_len} tokens)")
+        raise DataError("no usable training conversations (need an assistant turn and "
+                        f">= {cfg.min_len} tokens)")
     n_tokens = sum(len(s) for s in seqs)
     say(f"data: {len(seqs)} conversations, {n_tokens} tokens (max_len {cfg.max_len})")
     bar = progress_factory(n_tokens, "target pass") if progress_factory else None
