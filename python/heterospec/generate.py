@@ -13,7 +13,7 @@ import heterospec_ext as hx
 from .drafter import Drafter, check_same_vocab
 from .errors import GenerationConfigError
 from .policy import StaticTree
-from .target import CausalLM, cache_length, compact_cache
+from .target import CausalLM, cache_length, check_context, compact_cache
 
 
 @dataclass
@@ -116,6 +116,7 @@ def autoregressive_generate(target: CausalLM, prompt_ids, max_new_tokens: int,
     sampling = sampling or SamplingParams()
     sampling.check()
     ids = _check_request(prompt_ids, max_new_tokens).to(target.device)
+    check_context(target, ids.numel(), max_new_tokens)
     stop = set(int(t) for t in stop_token_ids)
     clock = _Clock(target.device)
     gen = sampling.generator()
@@ -200,6 +201,7 @@ class SpeculativeGenerator:
         sampling = sampling or SamplingParams()
         sampling.check()
         ids = _check_request(prompt_ids, max_new_tokens).to(self.target.device)
+        check_context(self.target, ids.numel(), max_new_tokens, self.policy.n_max)
         stop = set(int(t) for t in stop_token_ids)
         target, drafter, policy = self.target, self.drafter, self.policy
         dev = target.device
