@@ -232,6 +232,7 @@ def plot(rows: List[dict], path: str, title: str = "") -> None:
 def run_bench(args, load):
     import torch
 
+    from .cli_args import context_models, fit_to_context
     from .generate import SamplingParams, autoregressive_generate
     from .prompts import encode, load_prompts
 
@@ -239,11 +240,15 @@ def run_bench(args, load):
     methods, gens = _methods(args, target, drafter, policy)
     temps = [float(t) for t in str(getattr(args, "temperatures", "0")).split(",") if t.strip()]
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
+    n = args.max_new_tokens
+    largest_tree = max((gen.policy.n_max for gen in gens.values()), default=0)
     prompts = []
     for name in sets:
         for p in load_prompts(name, args.prompts_per_set, offset=getattr(args, "prompt_offset", 0)):
-            prompts.append((name, p["id"], encode(target.tokenizer, p["text"], p["chat"])))
-    n = args.max_new_tokens
+            ids = fit_to_context(encode(target.tokenizer, p["text"], p["chat"]),
+                                 context_models(target, drafter), n, largest_tree,
+                                 getattr(args, "truncate_prompt", "none"))
+            prompts.append((name, p["id"], ids))
     total = sum(len([m for m in methods if t == 0 or m != "hf_assisted"]) for t in temps) * \
         len(prompts) * args.repeats
     try:
