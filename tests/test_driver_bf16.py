@@ -53,7 +53,7 @@ def ar_with_logits(target, ids, n):
 
 def test_bf16_tokens_are_the_verifiers_choice_and_differences_are_near_ties(bf16):
     target, prompts = bf16
-    assert isinstance(make_verifier(target), hs.lean_target.LeanDecoder)
+    assert isinstance(make_verifier(target), hs.LeanDecoder)
     policy = hs.StaticTree(depth=3, top_k=6, total_tokens=12)
     drafter = hs.Eagle3Drafter.from_pretrained(SHIPPED_HEAD_DIR, target, top_k=6)
     gen = hs.SpeculativeGenerator(target, drafter, policy)

@@ -344,7 +344,9 @@ def test_missing_model_paths(tmp_path):
         hs.load_target(str(not_gguf))
 
 
-def _cli(*args):
+def _cli(*args, timeout=300, path_first=(), popen=False):
+    """``python -m heterospec.cli ARGS`` in a subprocess (``subprocess.run`` result, or the
+    running ``Popen`` with ``popen``); ``path_first`` directories go first on ``PYTHONPATH``."""
     import os
     import subprocess
     import sys
@@ -352,10 +354,13 @@ def _cli(*args):
     from test_driver_support import REPO_ROOT
 
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([os.path.join(REPO_ROOT, "python"), REPO_ROOT,
-                                         env.get("PYTHONPATH", "")])
-    return subprocess.run([sys.executable, "-m", "heterospec.cli", *args], capture_output=True,
-                          text=True, timeout=300, env=env)
+    env["PYTHONPATH"] = os.pathsep.join([*path_first, os.path.join(REPO_ROOT, "python"),
+                                         REPO_ROOT, env.get("PYTHONPATH", "")])
+    cmd = [sys.executable, "-m", "heterospec.cli", *args]
+    if popen:
+        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path):

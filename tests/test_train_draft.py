@@ -256,10 +256,14 @@ def test_train_draft_cli_rejects_bad_sizes(tmp_path, capsys):
     from heterospec.cli import main
 
     rc = main(["train-draft", "--out", str(tmp_path / "h"), "--epochs", "0",
-               "--model", str(tmp_path / "missing.gguf")])
+               "--model", str(tmp_path / "missing.gguf")])  # argparse: before anything loads
     assert rc == 2
-    err = capsys.readouterr().err
-    assert "--epochs must be > 0" in err
+    assert "--epochs: must be >= 1, got 0" in capsys.readouterr().err
+    # sizes that only the training config can judge: no data at all
+    rc = main(["train-draft", "--out", str(tmp_path / "h"), "--max-tokens", "0",
+               "--regenerate-tokens", "0", "--model", str(tmp_path / "missing.gguf")])
+    assert rc == 2
+    assert "--max-tokens must be > 0" in capsys.readouterr().err
 
 
 def test_answer_pass_is_greedy_ar_with_exact_labels_and_resumes(tmp_path):

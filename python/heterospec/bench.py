@@ -28,6 +28,9 @@ METHOD_LABELS = {"ar": "AR", "static": "static tree", "ded": "+extended depth (D
                  "heterospec": "HeteroSpec", "cost": "HeteroSpec cost-aware",
                  "hf_assisted": "HF assisted"}
 DEFAULT_HF_CONFIGS = ("float32:eager", "float32:sdpa", "bfloat16:eager", "bfloat16:sdpa")
+HF_CONFIGS = tuple(f"{d}:{a}" for d in ("float32", "bfloat16", "float16")
+                   for a in ("eager", "sdpa"))
+BENCH_METHODS = tuple(METHOD_LABELS) + tuple(f"hf:{c}" for c in HF_CONFIGS)
 
 
 def method_label(m: str) -> str:
@@ -348,6 +351,7 @@ def plot(rows: List[dict], path: str, title: str = "") -> None:
 def run_bench(args, load):
     import torch
 
+    from .cli_args import context_models, fit_to_context
     from .generate import SamplingParams, autoregressive_generate
     from .prompts import encode, load_prompts
     from .verifier import make_verifier
@@ -357,11 +361,15 @@ def run_bench(args, load):
     temps = sorted(float(t) for t in str(getattr(args, "temperatures", "0")).split(",")
                    if t.strip())
     sets = [s.strip() for s in args.sets.split(",") if s.strip()]
+    n = args.max_new_tokens
+    largest_tree = max((g.policy.n_max for g in gens.values() if hasattr(g, "policy")), default=0)
     prompts = []
     for name in sets:
         for p in load_prompts(name, args.prompts_per_set, offset=getattr(args, "prompt_offset", 0)):
-            prompts.append((name, p["id"], encode(target.tokenizer, p["text"], p["chat"])))
-    n = args.max_new_tokens
+            ids = fit_to_context(encode(target.tokenizer, p["text"], p["chat"]),
+                                 context_models(target, drafter), n, largest_tree,
+                                 getattr(args, "truncate_prompt", "none"))
+            prompts.append((name, p["id"], ids))
     ar_verifier = make_verifier(target, getattr(args, "verifier", "auto"))
     hf_methods = [m for m in methods if is_hf_generate(m)]
 

@@ -11,10 +11,11 @@ import torch
 
 import heterospec_ext as hx
 
+from .errors import DataError
 from .generate import SpeculativeGenerator
-from .policy import HeteroSpec, StaticTree
+from .policy import POLICY_THRESHOLDS, HeteroSpec, StaticTree
 
-NUM_THRESHOLDS = 7
+NUM_THRESHOLDS = POLICY_THRESHOLDS
 
 
 def _tcr(cycle) -> int:
@@ -60,8 +61,8 @@ def fit_thresholds(samples: List[Tuple[float, int]], min_samples_leaf: Optional[
     from sklearn.tree import DecisionTreeRegressor
 
     if len(samples) < 8:
-        raise ValueError(f"calibration needs at least 8 accepted cycles, got {len(samples)}; "
-                         "use more prompts or more tokens")
+        raise DataError(f"calibration needs at least 8 accepted cycles, got {len(samples)}; "
+                        "use more prompts or more tokens (--prompts, --max-new-tokens)")
     x = torch.tensor([[h] for h, _ in samples], dtype=torch.float64).numpy()
     y = torch.tensor([r for _, r in samples], dtype=torch.float64).numpy()
     leaf = min_samples_leaf or max(1, len(samples) // 100)
@@ -70,11 +71,11 @@ def fit_thresholds(samples: List[Tuple[float, int]], min_samples_leaf: Optional[
     t = reg.tree_
     cuts = sorted(float(t.threshold[i]) for i in range(t.node_count) if t.children_left[i] != -1)
     if not cuts:
-        raise ValueError("the regression tree found no split: the calibration data has a single "
-                         "entropy value or constant ranks")
-    while len(cuts) < NUM_THRESHOLDS:
+        raise DataError("the regression tree found no split: the calibration data has a single "
+                        "entropy value or constant ranks")
+    while len(cuts) < POLICY_THRESHOLDS:
         cuts.append(cuts[-1])
-    return cuts[:NUM_THRESHOLDS]
+    return cuts[:POLICY_THRESHOLDS]
 
 
 def calibrate(gen: SpeculativeGenerator, prompts, max_new_tokens: int, progress=None,

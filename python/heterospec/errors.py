@@ -28,3 +28,16 @@ class GenerationConfigError(HeteroSpecError, ValueError):
 
 class DraftCheckpointError(HeteroSpecError, ValueError):
     """A draft checkpoint (EAGLE-3 head) that is malformed or does not fit the target."""
+
+
+class ContextLengthError(GenerationConfigError):
+    """A request (prompt + new tokens + the largest draft tree) longer than the model's context."""
+
+
+class DataError(HeteroSpecError, ValueError):
+    """A prompt set or data set that is unknown, too small for the request, or malformed."""
+
+
+class UsageError(HeteroSpecError, ValueError):
+    """A command-line argument that is out of range or does not fit the others; the message
+    names the flag."""

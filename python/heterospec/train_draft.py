@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .eagle3 import Eagle3Head, default_capture_layers, eagle3_config
+from .errors import DataError
 from .target import CausalLM, native_bf16_cpu
 from .train_data import (ShardSet, ShardUnion, _write_json, answer_pass, conversation_sequences,
                          stable_key, target_pass, user_prompts)
@@ -539,8 +540,8 @@ def train_draft(target: CausalLM, conversations: List[dict], out_dir: str, cfg: 
     train_set = ShardUnion(train_sets)
     n_tokens = train_set.tokens
     if not n_tokens:
-        raise ValueError("no usable training sequences (need conversations with an assistant "
-                         f"turn and >= {cfg.min_len} tokens, or prompts to answer)")
+        raise DataError("no usable training sequences (need conversations with an assistant "
+                        f"turn and >= {cfg.min_len} tokens, or prompts to answer)")
     answer_manifest = passes["train-answers"].manifest if "train-answers" in passes else {}
     say(f"data: {len(sharegpt)} conversations ({sum(map(len, sharegpt))} tokens) + "
         f"{sum(len(sh['refs']) for sh in answer_manifest.get('shards', []))} target answers "
