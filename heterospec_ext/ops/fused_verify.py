@@ -88,7 +88,9 @@ def fused_verify(
     accepted nodes; ``num_accepted[b] = A``. Everything else is -1.
 
     Invalid data (NaN logits, a malformed tree, an out-of-range candidate, uniforms outside
-    [0, 1), bad sampling parameters): on CPU a ``ValueError`` naming the argument; on CUDA the
+    [0, 1), bad sampling parameters): on CPU a ``ValueError`` naming the argument and the
+    lowest invalid request (the tree, candidate, parameter and uniform checks of every request
+    come first, then the rows met while walking), whatever the thread count; on CUDA the
     request emits nothing (``num_accepted = 0``, all -1) rather than syncing to raise.
     Precisely: ``parents``, the candidates of real non-root nodes, ``temperature`` (finite,
     ``>= 0``) and ``top_p`` are checked for every request; ``uniforms`` (all N columns) for
@@ -102,7 +104,16 @@ def fused_verify(
     leaves the deterministic-draft residual without mass, the final draw uses p. Backends
     differ only in summation order, so decisions can differ only when a uniform lies within
     rounding distance of a threshold. The shared scalar rules live in
-    ``csrc/core/fused_verify.h``.
+    ``csrc/core/fused_verify.h``. Weights are float32 relative to the largest (1): a token
+    whose weight underflows (CPU: below float32's smallest subnormal, 2^-149; CUDA: below
+    2^-126, and below 2^-40 in the fixed-point masses of top-p and the final draw) weighs 0,
+    so with a uniform of exactly 0 such a token is rejected (a draw with ``u0 = 0`` skips it)
+    where the float64 reference, in which its probability is positive, accepts (draws) it.
+    That is a decision within rounding of its threshold like the others;
+    ``reference.fused_verify_outcomes`` lists every result such decisions allow. The CPU
+    kernel forms ``logit - max`` in double where float32 would overflow (logits more than
+    3.4e38 below the row max, possible only near +-3.4e38); the CUDA kernel does not yet and
+    gives such tokens weight 0.
 
     CUDA limits (a ``RuntimeError`` beyond them): ``N <= 4096`` tree nodes and ``V <= 2**23``.
     """
