@@ -8,6 +8,8 @@ Environment:
     HX_BUILD=auto|cpu|cuda   auto (default): CUDA when torch is a CUDA build and CUDA_HOME is found
     TORCH_CUDA_ARCH_LIST     default "8.0;9.0" (sm_80, sm_90); never derived from a visible GPU
     HX_DEBUG=1               -O0 -g instead of -O3 -g0
+    HX_SANITIZE=LIST         host C++ built with -fsanitize=LIST (e.g. address,undefined), -O1 -g;
+                             see scripts/sanitize.sh for building and running such a copy
     HX_PTXAS_VERBOSE=1       print ptxas resource usage (registers, spills) of every kernel
 """
 import glob
@@ -69,6 +71,11 @@ def _extension():
     define = [f'-DHX_VERSION="{VERSION}"', f'-DHX_TORCH_VERSION="{torch.__version__}"']
     cxx = ["-std=c++20", "-fopenmp"] + opt
     ldflags = ["-fopenmp"]
+    sanitize = os.environ.get("HX_SANITIZE", "")
+    if sanitize:  # every sanitizer report is fatal, with a usable stack
+        flags = [f"-fsanitize={sanitize}", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer"]
+        cxx += flags + ["-O1", "-g"]
+        ldflags += flags
     archs = []
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")

@@ -2,7 +2,8 @@
 # The one prepared GPU check (run through the device tool on an H100/H200):
 #   1. builds the CUDA extension in place (sm_90 only, to keep it short),
 #   2. runs the test suite (every test on cpu and cuda) and the CUDA-graph test,
-#   3. runs compute-sanitizer memcheck over a short script calling every op on CUDA,
+#   3. runs compute-sanitizer memcheck over a short script calling every op on CUDA, then
+#      memcheck and racecheck over a slice of the fuzz suite on CUDA (tests/test_fuzz.py),
 #   4. measures the copy bandwidth and benchmarks every op against its composition,
 #   5. times one driver draft+verify cycle per tree size, eager vs CUDA-graph replay
 #      (bench/bench_cycle_graphs.py, a random model with the Llama-3.1-8B config, ~1 min).
@@ -60,6 +61,28 @@ if command -v compute-sanitizer >/dev/null; then
   tail -15 "$OUT/sanitizer.log" | tee -a "$LOG"
   if [ $rc -eq 9 ]; then echo "SANITIZER found errors" | tee -a "$LOG"; status=1;
   elif [ $rc -ne 0 ]; then echo "sanitizer did not run cleanly (rc=$rc): see sanitizer.log" | tee -a "$LOG"; fi
+else
+  echo "compute-sanitizer not found" | tee -a "$LOG"
+fi
+
+step "compute-sanitizer memcheck + racecheck over the fuzz slice (${HX_GPU_FUZZ_EXAMPLES:-12} examples per op)"
+# The fuzz suite's CUDA cases also compare every result with the float64 reference, so a
+# failing test (rc 1) is a wrong result, while rc 9 is a sanitizer report. Appended to
+# sanitizer.log: the device tool returns at most 8 files.
+if command -v compute-sanitizer >/dev/null; then
+  for tool in memcheck racecheck; do
+    echo "=== fuzz slice under $tool ===" >> "$OUT/sanitizer.log"
+    HX_FUZZ_EXAMPLES=${HX_GPU_FUZZ_EXAMPLES:-12} HX_FUZZ_DERANDOMIZE=1 timeout 150 \
+      compute-sanitizer --tool $tool --error-exitcode 9 --print-limit 20 \
+      $PY -m pytest -p no:cacheprovider -p no:benchmark -q tests/test_fuzz.py -k cuda \
+      > "$OUT/fuzz_sanitizer.tmp" 2>&1
+    rc=$?
+    cat "$OUT/fuzz_sanitizer.tmp" >> "$OUT/sanitizer.log"
+    echo "$tool: rc=$rc; $(grep -E "passed|failed" "$OUT/fuzz_sanitizer.tmp" | tail -1)" | tee -a "$LOG"
+    grep -E "ERROR SUMMARY|^E  " "$OUT/fuzz_sanitizer.tmp" | head -8 | tee -a "$LOG"
+    rm -f "$OUT/fuzz_sanitizer.tmp"
+    if [ $rc -ne 0 ]; then status=1; fi
+  done
 else
   echo "compute-sanitizer not found" | tee -a "$LOG"
 fi

@@ -5,8 +5,10 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
+#include <charconv>
 #include <cstdint>
 #include <string>
+#include <type_traits>
 
 namespace heterospec {
 
@@ -30,6 +32,16 @@ inline std::string hx_shape(const at::Tensor& t) {
     text += std::to_string(t.size(i));
   }
   return text + "]";
+}
+
+// The shortest decimal text that reads back as exactly `value` (std::to_chars):
+// "1.0000001" where the default 6-digit stream prints "1", so a message shows
+// why a value next to a bound was rejected. "nan", "inf" and "-inf" as such.
+template <typename T, typename = std::enable_if_t<std::is_floating_point_v<T>>>
+inline std::string hx_value(T value) {
+  char text[64];
+  const std::to_chars_result end = std::to_chars(text, text + sizeof(text), value);
+  return std::string(text, end.ptr);
 }
 
 }  // namespace heterospec

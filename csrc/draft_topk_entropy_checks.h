@@ -32,7 +32,7 @@ inline float check_draft_topk_entropy_args(const at::Tensor& logits, int64_t k,
   TORCH_CHECK_VALUE(std::isfinite(temperature) && temperature_f > 0.0f &&
                         std::isfinite(temperature_f),
                     "temperature must be a finite number > 0 (also as float32), got ",
-                    temperature);
+                    hx_value(temperature));
   return temperature_f;
 }
 

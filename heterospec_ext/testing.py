@@ -2,6 +2,36 @@
 import torch
 
 
+def random_parents(kind: str, batch: int, num_nodes: int, gen, padding: float = 0.0):
+    """``[batch, num_nodes]`` int64 parent rows in the tree convention of the ops.
+
+    ``kind``: ``chain``; ``star``; ``deep`` (parent among the 3 previous nodes: long paths);
+    ``bushy`` (uniform random recursive tree: shallow, wide). ``padding`` turns that fraction
+    of the non-root slots into padding (-1); a padded node takes its whole subtree with it, so
+    the rows stay valid. Random draws come from ``gen``.
+    """
+    idx = torch.arange(num_nodes)
+    if kind == "chain":
+        parents = (idx - 1).expand(batch, num_nodes).clone()
+    elif kind == "star":
+        parents = torch.zeros(batch, num_nodes, dtype=torch.int64)
+    elif kind == "deep":
+        back = torch.randint(1, 4, (batch, num_nodes), generator=gen)
+        parents = (idx - back).clamp_min(0)
+    elif kind == "bushy":
+        parents = (torch.rand(batch, num_nodes, generator=gen) * idx).floor().to(torch.int64)
+    else:
+        raise ValueError(kind)
+    parents[:, 0] = -1
+    if padding > 0 and num_nodes > 1:
+        pad = torch.rand(batch, num_nodes, generator=gen) < padding
+        pad[:, 0] = False
+        for i in range(1, num_nodes):  # the subtree of a padding slot is padding too
+            pad[:, i] |= pad.gather(1, parents[:, i:i + 1].clamp_min(0)).squeeze(1)
+        parents = torch.where(pad, torch.full_like(parents, -1), parents)
+    return parents
+
+
 def eagle_pool(batch: int, k: int, depth: int, gen: torch.Generator):
     """An EAGLE-2 candidate pool with cumulative draft log-prob scores.
 

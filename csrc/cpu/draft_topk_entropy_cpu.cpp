@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -266,12 +267,15 @@ void run_rows(const at::Tensor& logits, int k, float temperature, const Outputs&
         status[r] = state.invalid ? RowStatus::kNonFinite : RowStatus::kAllNegInf;
         continue;
       }
-      const double lse = state.logsumexp();
-      out.logsumexp[r] = static_cast<float>(lse);
+      const double log_sum = std::log(state.sum);
+      out.logsumexp[r] = static_cast<float>(state.max + log_sum);
       out.entropy[r] = static_cast<float>(state.entropy());
       out.topk_entropy[r] = static_cast<float>(core::topk_renormalised_entropy<double>(list, k));
       for (int i = 0; i < k; ++i) {
-        out.topk_logprobs[r * k + i] = static_cast<float>(static_cast<double>(list[i].value) - lse);
+        // (z - max) - log S, as on CUDA: z - logsumexp would lose every digit
+        // below the ulp of a huge logsumexp (z = [3e30, 3e30] gives 0, not -ln 2).
+        const double shifted = static_cast<double>(list[i].value) - state.max;
+        out.topk_logprobs[r * k + i] = static_cast<float>(shifted - log_sum);
         out.topk_ids[r * k + i] = list[i].id;
       }
     }

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <exception>
 #include <functional>
 #include <limits>
 #include <optional>
@@ -117,6 +118,18 @@ double top_p_threshold(const std::vector<double>& weights, int64_t vocab, double
   }
 }
 
+// fv::softmax_weight<float>, except where logit - max overflows float: a logit
+// more than FLT_MAX below the row max (only with logits near +-3.4e38) would
+// get weight 0 instead of exp((logit - max) / T), which a huge temperature
+// makes large. Two floats subtract without overflow in double.
+float softmax_weight(float logit, float max_logit, float temperature) {
+  if (logit - max_logit == kNegInf && logit != kNegInf) {
+    const double scaled = (static_cast<double>(logit) - max_logit) / temperature;
+    return std::exp(static_cast<float>(scaled));
+  }
+  return fv::softmax_weight<float>(logit, max_logit, temperature);
+}
+
 // Fills scratch.weights with the processed target distribution of one row
 // (unnormalised; temperature, top-k, softmax weights, top-p) and returns its
 // total mass. `max_logit` comes from scan_row_max.
@@ -133,7 +146,7 @@ double process_row(const scalar_t* row, int64_t vocab, float max_logit, const Re
     const float x = static_cast<float>(row[i]);
     const bool kept = !use_top_k || fv::top_k_keeps(x, kth);
     const double wi =
-        kept ? static_cast<double>(fv::softmax_weight<float>(x, max_logit, req.temperature))
+        kept ? static_cast<double>(softmax_weight(x, max_logit, req.temperature))
              : 0.0;
     w[i] = wi;
     total += wi;
@@ -171,13 +184,13 @@ void validate_request(const RequestView& req, int64_t b, int64_t nodes, int64_t 
                  req.candidates[bad_token < 0 ? 0 : bad_token], "; expected a token in [0, ",
                  vocab, ")");
   HX_CHECK_VALUE(fv::valid_temperature(req.temperature), "temperature: request ", b,
-                 " must be finite and >= 0, got ", req.temperature);
+                 " must be finite and >= 0, got ", hx_value(req.temperature));
   HX_CHECK_VALUE(fv::valid_top_p(req.top_p), "top_p: request ", b, " must lie in (0, 1], got ",
-                 req.top_p);
+                 hx_value(req.top_p));
   if (!fv::is_greedy(req.temperature)) {
     for (int64_t i = 0; i < nodes; ++i) {
       HX_CHECK_VALUE(fv::valid_uniform(req.uniforms[i]), "uniforms: request ", b, " column ", i,
-                     " must lie in [0, 1), got ", req.uniforms[i]);
+                     " must lie in [0, 1), got ", hx_value(req.uniforms[i]));
     }
   }
 }
@@ -339,6 +352,11 @@ void fused_verify_kernel(const at::Tensor& logits, const at::Tensor& candidates,
   // does not depend on thread scheduling.
   for (int64_t b = 0; b < batch; ++b) validate_request(view(b), b, nodes, vocab);
 
+  // Errors found during the walks (a NaN row, bad draft_probs) are kept per
+  // request and the lowest one is raised after the loop: letting them escape
+  // parallel_for would report whichever thread failed first, so the request
+  // named would depend on the thread count and on timing.
+  std::vector<std::exception_ptr> walk_error(static_cast<size_t>(batch));
   at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     Scratch scratch;
     Walk walk;
@@ -347,19 +365,28 @@ void fused_verify_kernel(const at::Tensor& logits, const at::Tensor& candidates,
       const RequestView req = view(b);
       const scalar_t* logits_b = logits_ptr + b * stride_b;
       walk.path.assign(1, 0);
-      if (fv::is_greedy(req.temperature)) {
-        walk_greedy(logits_b, stride_n, req, b, nodes, vocab, walk);
-      } else if (q_ptr == nullptr) {
-        walk_sampling(logits_b, stride_n, req, b, nodes, vocab, scratch, walk);
-      } else {
-        walk_real_q(logits_b, stride_n, q_ptr + b * q_stride_b, q_stride_n, req, b, nodes,
-                    vocab, scratch, walk);
+      try {
+        if (fv::is_greedy(req.temperature)) {
+          walk_greedy(logits_b, stride_n, req, b, nodes, vocab, walk);
+        } else if (q_ptr == nullptr) {
+          walk_sampling(logits_b, stride_n, req, b, nodes, vocab, scratch, walk);
+        } else {
+          walk_real_q(logits_b, stride_n, q_ptr + b * q_stride_b, q_stride_n, req, b, nodes,
+                      vocab, scratch, walk);
+        }
+      } catch (...) {
+        // Later requests of this chunk cannot hold a lower failing index.
+        walk_error[b] = std::current_exception();
+        return;
       }
       fv::write_request_result(walk.path.data(), static_cast<int64_t>(walk.path.size()) - 1,
                                req.candidates, walk.emitted, nodes, tok_out + b * nodes,
                                node_out + b * nodes, num_out + b);
     }
   });
+  for (const std::exception_ptr& error : walk_error) {
+    if (error) std::rethrow_exception(error);
+  }
 }
 
 // Logits / draft_probs keep their batch and node strides; the vocab dim must

@@ -38,8 +38,8 @@ void stratify_out_cpu(const at::Tensor& step_entropy_in, const at::Tensor& confi
   for (int64_t j = 0; j + 1 < num_thresholds; ++j) {
     // `<=` also rejects NaN thresholds.
     HX_CHECK_VALUE(thr[j] <= thr[j + 1], "stratify: thresholds must be sorted ascending, but "
-                   "thresholds[", j, "] = ", thr[j], " and thresholds[", j + 1, "] = ",
-                   thr[j + 1]);
+                   "thresholds[", j, "] = ", hx_value(thr[j]), " and thresholds[", j + 1,
+                   "] = ", hx_value(thr[j + 1]));
   }
 
   const float* entropy_ptr = step_entropy.data_ptr<float>();

@@ -3,6 +3,8 @@ from typing import NamedTuple
 
 import torch
 
+from ._fake_checks import check_tensor
+
 _OP = torch.ops.heterospec.build_tree.default
 _OP_OUT = torch.ops.heterospec.build_tree_out.default
 
@@ -74,10 +76,28 @@ def build_tree_out(pool_parents, pool_scores, pool_tokens, top_n, selected, toke
             mask, packed_mask, first_child, next_sibling, retrieve, num_nodes)
 
 
+def _check_args(pool_parents, pool_scores, pool_tokens, top_n, n_max):
+    """The metadata checks of csrc/build_tree_checks.h, for the fakes."""
+    check_tensor(pool_parents, "pool_parents", dim=2, dtypes=(torch.int64,))
+    batch, num_pool = pool_parents.shape
+    torch._check(num_pool >= 1,
+                 lambda: "pool_parents must have at least one node per request (node 0 is the "
+                         f"root), got shape {list(pool_parents.shape)}")
+    torch._check(num_pool < 2**31, lambda: f"pool_parents.size(1) must be < 2^31, got {num_pool}")
+    on_parents_device = (pool_parents, "pool_parents")
+    check_tensor(pool_scores, "pool_scores", dim=2, dtypes=(torch.float32,),
+                 sizes=((0, batch), (1, num_pool)), same_device_as=on_parents_device)
+    check_tensor(pool_tokens, "pool_tokens", dim=2, dtypes=(torch.int64,),
+                 sizes=((0, batch), (1, num_pool)), same_device_as=on_parents_device)
+    check_tensor(top_n, "top_n", dim=1, dtypes=(torch.int64,), sizes=((0, batch),),
+                 same_device_as=on_parents_device)
+    torch._check(n_max >= 1, lambda: f"n_max must be >= 1, got {n_max}")
+    torch._check(n_max < 2**31, lambda: f"n_max must be < 2^31, got {n_max}")
+
+
 @torch.library.register_fake("heterospec::build_tree")
 def _fake(pool_parents, pool_scores, pool_tokens, top_n, n_max):
-    torch._check(pool_parents.dim() == 2, lambda: "pool_parents must be 2-D [B, M]")
-    torch._check(n_max >= 1, lambda: f"n_max must be >= 1, got {n_max}")
+    _check_args(pool_parents, pool_scores, pool_tokens, top_n, n_max)
     b = pool_parents.shape[0]
     i64 = dict(dtype=torch.int64)
     words = (n_max + 31) // 32
@@ -98,4 +118,21 @@ def _fake(pool_parents, pool_scores, pool_tokens, top_n, n_max):
 @torch.library.register_fake("heterospec::build_tree_out")
 def _fake_out(pool_parents, pool_scores, pool_tokens, top_n, selected, tokens, parents, depth,
               mask, packed_mask, first_child, next_sibling, retrieve, num_nodes):
+    torch._check(selected.dim() == 2, lambda: f"selected must be a 2-D tensor, got "
+                                              f"{selected.dim()}-D")
+    n_max = selected.shape[1]
+    _check_args(pool_parents, pool_scores, pool_tokens, top_n, n_max)
+    b = pool_parents.shape[0]
+    i64 = (torch.int64,)
+    words = (n_max + 31) // 32
+    for out, name, dtypes, shape in (
+            (selected, "selected", i64, (b, n_max)), (tokens, "tokens", i64, (b, n_max)),
+            (parents, "parents", i64, (b, n_max)), (depth, "depth", i64, (b, n_max)),
+            (mask, "mask", (torch.bool,), (b, n_max, n_max)),
+            (packed_mask, "packed_mask", (torch.int32,), (b, n_max, words)),
+            (first_child, "first_child", i64, (b, n_max)),
+            (next_sibling, "next_sibling", i64, (b, n_max)),
+            (retrieve, "retrieve", i64, (b, n_max, n_max)), (num_nodes, "num_nodes", i64, (b,))):
+        check_tensor(out, name, dim=len(shape), dtypes=dtypes, sizes=enumerate(shape),
+                     same_device_as=(pool_parents, "pool_parents"), contiguous=True)
     return None

@@ -3,6 +3,8 @@ from typing import NamedTuple
 
 import torch
 
+from ._fake_checks import LOGIT_DTYPES, check_positive_temperature, check_tensor
+
 _OP = torch.ops.heterospec.draft_topk_entropy.default
 _OP_OUT = torch.ops.heterospec.draft_topk_entropy_out.default
 
@@ -63,13 +65,23 @@ def draft_topk_entropy_out(
     _OP_OUT(logits, k, temperature, topk_logprobs, topk_ids, topk_entropy, entropy, logsumexp)
 
 
+def _check_args(logits, k, temperature):
+    """The metadata checks of csrc/draft_topk_entropy_checks.h, for the fakes."""
+    check_tensor(logits, "logits", dim=2, dtypes=LOGIT_DTYPES)
+    vocab = logits.shape[1]
+    torch._check(vocab < 2**31 - 1,
+                 lambda: f"logits.size(1) (the vocabulary) must be < 2^31 - 1, got {vocab}")
+    torch._check_value(1 <= k, lambda: f"k must satisfy 1 <= k <= min(V, {MAX_TOPK}), got {k}")
+    torch._check_value(k <= MAX_TOPK,
+                       lambda: f"k must satisfy 1 <= k <= min(V, {MAX_TOPK}), got {k}")
+    torch._check_value(k <= vocab, lambda: f"k must satisfy 1 <= k <= min(V, {MAX_TOPK}) with "
+                                           f"V = logits.size(1) = {vocab}, got k = {k}")
+    check_positive_temperature(temperature)
+
+
 @torch.library.register_fake("heterospec::draft_topk_entropy")
 def _fake(logits, k, temperature=1.0):
-    torch._check(logits.dim() == 2, lambda: f"logits must be 2-D [N, V], got {logits.dim()}-D")
-    torch._check(
-        logits.dtype in (torch.float32, torch.float16, torch.bfloat16),
-        lambda: f"logits must be float32, float16 or bfloat16, got {logits.dtype}",
-    )
+    _check_args(logits, k, temperature)
     n = logits.shape[0]
     return (
         logits.new_empty((n, k), dtype=torch.float32),
@@ -82,4 +94,13 @@ def _fake(logits, k, temperature=1.0):
 
 @torch.library.register_fake("heterospec::draft_topk_entropy_out")
 def _fake_out(logits, k, temperature, topk_logprobs, topk_ids, topk_entropy, entropy, logsumexp):
+    _check_args(logits, k, temperature)
+    n = logits.shape[0]
+    for out, name, dtype, shape in ((topk_logprobs, "topk_logprobs", torch.float32, (n, k)),
+                                    (topk_ids, "topk_ids", torch.int64, (n, k)),
+                                    (topk_entropy, "topk_entropy", torch.float32, (n,)),
+                                    (entropy, "entropy", torch.float32, (n,)),
+                                    (logsumexp, "logsumexp", torch.float32, (n,))):
+        check_tensor(out, name, dim=len(shape), dtypes=(dtype,), sizes=enumerate(shape),
+                     same_device_as=(logits, "logits"), contiguous=True)
     return None

@@ -3,6 +3,8 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 
+from ._fake_checks import LOGIT_DTYPES, check_tensor
+
 _OP = torch.ops.heterospec.fused_verify.default
 _OP_OUT = torch.ops.heterospec.fused_verify_out.default
 
@@ -86,7 +88,9 @@ def fused_verify(
     accepted nodes; ``num_accepted[b] = A``. Everything else is -1.
 
     Invalid data (NaN logits, a malformed tree, an out-of-range candidate, uniforms outside
-    [0, 1), bad sampling parameters): on CPU a ``ValueError`` naming the argument; on CUDA the
+    [0, 1), bad sampling parameters): on CPU a ``ValueError`` naming the argument and the
+    lowest invalid request (the tree, candidate, parameter and uniform checks of every request
+    come first, then the rows met while walking), whatever the thread count; on CUDA the
     request emits nothing (``num_accepted = 0``, all -1) rather than syncing to raise.
     Precisely: ``parents``, the candidates of real non-root nodes, ``temperature`` (finite,
     ``>= 0``) and ``top_p`` are checked for every request; ``uniforms`` (all N columns) for
@@ -100,7 +104,16 @@ def fused_verify(
     leaves the deterministic-draft residual without mass, the final draw uses p. Backends
     differ only in summation order, so decisions can differ only when a uniform lies within
     rounding distance of a threshold. The shared scalar rules live in
-    ``csrc/core/fused_verify.h``.
+    ``csrc/core/fused_verify.h``. Weights are float32 relative to the largest (1): a token
+    whose weight underflows (CPU: below float32's smallest subnormal, 2^-149; CUDA: below
+    2^-126, and below 2^-40 in the fixed-point masses of top-p and the final draw) weighs 0,
+    so with a uniform of exactly 0 such a token is rejected (a draw with ``u0 = 0`` skips it)
+    where the float64 reference, in which its probability is positive, accepts (draws) it.
+    That is a decision within rounding of its threshold like the others;
+    ``reference.fused_verify_outcomes`` lists every result such decisions allow. The CPU
+    kernel forms ``logit - max`` in double where float32 would overflow (logits more than
+    3.4e38 below the row max, possible only near +-3.4e38); the CUDA kernel does not yet and
+    gives such tokens weight 0.
 
     CUDA limits (a ``RuntimeError`` beyond them): ``N <= 4096`` tree nodes and ``V <= 2**23``.
     """
@@ -121,10 +134,33 @@ def fused_verify_out(target_logits, candidates, parents, temperature, top_k, top
             out_tokens, accepted_nodes, num_accepted)
 
 
+def _check_args(target_logits, candidates, parents, temperature, top_k, top_p, uniforms,
+                draft_probs):
+    """The metadata checks of csrc/fused_verify_checks.h, for the fakes."""
+    check_tensor(target_logits, "target_logits", dim=3, dtypes=LOGIT_DTYPES)
+    batch, nodes, vocab = target_logits.shape
+    torch._check(nodes >= 1, lambda: "target_logits.size(1) (tree nodes N) must be >= 1 (the "
+                                     f"root), got {nodes}")
+    torch._check(vocab >= 1, lambda: f"target_logits.size(2) (vocab V) must be >= 1, got {vocab}")
+    on_logits_device = (target_logits, "target_logits")
+    for t, name, dtype, sizes in ((candidates, "candidates", torch.int64, (batch, nodes)),
+                                  (parents, "parents", torch.int64, (batch, nodes)),
+                                  (temperature, "temperature", torch.float32, (batch,)),
+                                  (top_k, "top_k", torch.int64, (batch,)),
+                                  (top_p, "top_p", torch.float32, (batch,)),
+                                  (uniforms, "uniforms", torch.float32, (batch, nodes))):
+        check_tensor(t, name, dim=len(sizes), dtypes=(dtype,), sizes=enumerate(sizes),
+                     same_device_as=on_logits_device)
+    if draft_probs is not None:
+        check_tensor(draft_probs, "draft_probs", dim=3, dtypes=(torch.float32,),
+                     sizes=enumerate((batch, nodes, vocab)), same_device_as=on_logits_device)
+
+
 @torch.library.register_fake("heterospec::fused_verify")
 def _fake(target_logits, candidates, parents, temperature, top_k, top_p, uniforms,
           draft_probs=None):
-    torch._check(target_logits.dim() == 3, lambda: "target_logits must be 3-D [B, N, V]")
+    _check_args(target_logits, candidates, parents, temperature, top_k, top_p, uniforms,
+                draft_probs)
     b, n = target_logits.shape[0], target_logits.shape[1]
     return (
         target_logits.new_empty((b, n), dtype=torch.int64),
@@ -136,4 +172,13 @@ def _fake(target_logits, candidates, parents, temperature, top_k, top_p, uniform
 @torch.library.register_fake("heterospec::fused_verify_out")
 def _fake_out(target_logits, candidates, parents, temperature, top_k, top_p, uniforms,
               draft_probs, out_tokens, accepted_nodes, num_accepted):
+    _check_args(target_logits, candidates, parents, temperature, top_k, top_p, uniforms,
+                draft_probs)
+    b, n = target_logits.shape[0], target_logits.shape[1]
+    # Any strides: the kernels copy back into non-contiguous buffers.
+    for out, name, sizes in ((out_tokens, "out_tokens", (b, n)),
+                             (accepted_nodes, "accepted_nodes", (b, n)),
+                             (num_accepted, "num_accepted", (b,))):
+        check_tensor(out, name, dim=len(sizes), dtypes=(torch.int64,), sizes=enumerate(sizes),
+                     same_device_as=(target_logits, "target_logits"))
     return None

@@ -4,6 +4,8 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from ._fake_checks import check_tensor
+
 _OP = torch.ops.heterospec.stratify.default
 _OP_OUT = torch.ops.heterospec.stratify_out.default
 
@@ -102,9 +104,26 @@ def make_policy(
     return torch.tensor(rows, dtype=torch.int64)
 
 
+def _check_args(step_entropy, confidence, parents, thresholds, policy):
+    """The metadata checks of csrc/stratify_checks.h, for the fakes."""
+    check_tensor(parents, "parents", dim=2, dtypes=(torch.int64,))
+    batch, num_nodes = parents.shape
+    torch._check(num_nodes >= 1, lambda: "parents must have at least one node per request "
+                                         f"(node 0 is the root), got shape {list(parents.shape)}")
+    torch._check(num_nodes < 2**31, lambda: f"parents.size(1) must be < 2^31, got {num_nodes}")
+    on_parents_device = (parents, "parents")
+    for t, name in ((step_entropy, "step_entropy"), (confidence, "confidence")):
+        check_tensor(t, name, dim=2, dtypes=(torch.float32,), sizes=((0, batch), (1, num_nodes)),
+                     same_device_as=on_parents_device)
+    check_tensor(thresholds, "thresholds", dim=1, dtypes=(torch.float32,),
+                 same_device_as=on_parents_device)
+    check_tensor(policy, "policy", dim=2, dtypes=(torch.int64,),
+                 sizes=((0, thresholds.shape[0] + 1), (1, 2)), same_device_as=on_parents_device)
+
+
 @torch.library.register_fake("heterospec::stratify")
 def _fake(step_entropy, confidence, parents, thresholds, policy):
-    torch._check(parents.dim() == 2, lambda: f"parents must be 2-D [B, M], got {parents.dim()}-D")
+    _check_args(step_entropy, confidence, parents, thresholds, policy)
     b = parents.shape[0]
     f = parents.new_empty((b,), dtype=torch.float32)
     i = [parents.new_empty((b,), dtype=torch.int64) for _ in range(4)]
@@ -114,4 +133,12 @@ def _fake(step_entropy, confidence, parents, thresholds, policy):
 @torch.library.register_fake("heterospec::stratify_out")
 def _fake_out(step_entropy, confidence, parents, thresholds, policy,
               path_entropy, pstar, stratum, extra_depth, top_n):
+    _check_args(step_entropy, confidence, parents, thresholds, policy)
+    batch = parents.shape[0]
+    for out, name, dtype in ((path_entropy, "path_entropy", torch.float32),
+                             (pstar, "pstar", torch.int64), (stratum, "stratum", torch.int64),
+                             (extra_depth, "extra_depth", torch.int64),
+                             (top_n, "top_n", torch.int64)):
+        check_tensor(out, name, dim=1, dtypes=(dtype,), sizes=((0, batch),),
+                     same_device_as=(parents, "parents"), contiguous=True)
     return None
