@@ -155,7 +155,8 @@ def build_parser():
                    help="skip the HF baselines (HF generate configurations and HF assisted)")
     b.add_argument("--hf-configs", default=None, type=comma_list(HF_CONFIGS),
                    help="HF generate baselines as dtype:attention, comma-separated subset of "
-                        + ",".join(HF_CONFIGS) + " (default: all)")
+                        + ",".join(HF_CONFIGS) + " (default: "
+                        + ",".join(DEFAULT_HF_CONFIGS) + ")")
     b.add_argument("--temperatures", default="0", type=comma_list(item=float_in(0.0)),
                    help="comma-separated, each >= 0, e.g. 0,1")
     b.add_argument("--methods", default=None, type=comma_list(BENCH_METHODS),
