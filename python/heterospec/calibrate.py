@@ -93,7 +93,7 @@ def calibrate(gen: SpeculativeGenerator, prompts, max_new_tokens: int, progress=
 
 def calibrate_cost_aware(gen: SpeculativeGenerator, prompts, max_new_tokens: int,
                          progress=None, min_samples_leaf: Optional[int] = None,
-                         cost_reps: int = 5) -> Tuple[HeteroSpec, HeteroSpec, dict]:
+                         cost_reps: int = 9) -> Tuple[HeteroSpec, HeteroSpec, dict]:
     """One greedy calibration run giving both rules: the paper's policy (thresholds fitted on
     the base tree's (H(P*), TCR), the gammas) and the cost-aware one (the same thresholds, each
     stratum's (extra depth, top-N) chosen from counterfactual acceptance and this machine's
@@ -241,10 +241,16 @@ def collect_counterfactual(gen: SpeculativeGenerator, prompts, max_new_tokens: i
     return records
 
 
-def measure_costs(target, drafter, prompt_ids, max_levels: int, top_ns, reps: int = 5) -> dict:
+def measure_costs(target, drafter, prompt_ids, max_levels: int, top_ns, reps: int = 9) -> dict:
     """This machine's costs, medians of ``reps``: ``draft_root_s`` (a cycle's first draft level:
     feeding the last committed token and expanding the root), ``draft_level_s`` (one more
-    level), and ``verify_s[N]`` (one target tree verify of ``N`` nodes), after ``prompt_ids``."""
+    level), and ``verify_s[N]`` (one target tree verify of ``N`` nodes), after ``prompt_ids``.
+
+    The verify sizes are timed in rounds, each round visiting every size once in a shuffled
+    order: on a shared machine a slow spell then lands on all sizes alike instead of on the
+    block of sizes timed during it, which would make the cost curve (and the cost-aware choice
+    built on it) follow the noise."""
+    import random
     import statistics
     import time
 
@@ -271,17 +277,21 @@ def measure_costs(target, drafter, prompt_ids, max_levels: int, top_ns, reps: in
         t2 = time.perf_counter()
         root_s.append(t1 - t0)
         level_s.append((t2 - t1) / max(1, max_levels - 1))
-    verify_s = {}
     g = torch.Generator().manual_seed(0)
-    for n in top_ns:
-        toks = torch.randint(0, target.vocab_size, (n,), generator=g)
-        anc = torch.ones((n, n), dtype=torch.bool).tril_()
-        times = []
-        for _ in range(reps + 1):
+    sizes = sorted(set(int(n) for n in top_ns))
+    inputs = {n: (torch.randint(0, target.vocab_size, (n,), generator=g), torch.arange(n),
+                  torch.ones((n, n), dtype=torch.bool).tril_()) for n in sizes}
+    times = {n: [] for n in sizes}
+    order = random.Random(0)
+    for round_ in range(reps + 1):
+        visit = list(sizes)
+        order.shuffle(visit)
+        for n in visit:
             t0 = time.perf_counter()
-            ver.tree_forward(toks, torch.arange(n), anc)
-            times.append(time.perf_counter() - t0)
-        verify_s[n] = statistics.median(times[1:])
+            ver.tree_forward(*inputs[n])
+            if round_:  # round 0 warms every size up
+                times[n].append(time.perf_counter() - t0)
+    verify_s = {n: statistics.median(times[n]) for n in sizes}
     return {"draft_root_s": statistics.median(root_s[1:]),
             "draft_level_s": statistics.median(level_s[1:]), "verify_s": verify_s}
 
