@@ -587,7 +587,9 @@ def test_parent_first_promise(monkeypatch):
     with pytest.raises(ValueError, match="request 1 is not numbered parent-first"):
         call()
     monkeypatch.setattr(sg, "on_host", lambda t: False)
-    with pytest.raises(ValueError, match=r"^parents: request 1: node 0 has parent 0"):
+    with pytest.raises(ValueError, match=r"^fused_verify: parents of request 1 is not a valid "
+                                         r"tree: node 0 has parent 0 \(the root \(node 0\) must "
+                                         r"have parent -1\)$"):
         call()
 
 
@@ -820,8 +822,8 @@ def test_malformed_requests_reach_the_op_as_invalid_trees(monkeypatch):
     for changes, bad_request in ((dict(retrive_next_token=with_entry(nt, (1, 3), 2)), 1),
                                  (dict(retrive_next_token=with_entry(nt, (0, 2), 9)), 0),
                                  (dict(retrive_index=with_entry(ri, (1, 0), -4)), 1)):
-        with pytest.raises(ValueError, match=rf"^parents: request {bad_request}: node 0 has "
-                                             rf"parent 0"):
+        with pytest.raises(ValueError, match=rf"^fused_verify: parents of request {bad_request} "
+                                             rf"is not a valid tree: node 0 has parent 0 "):
             sg.verify_tree_greedy(**verify_args("cpu", **changes))
 
 
