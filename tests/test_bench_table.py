@@ -2,7 +2,7 @@
 markdown table, the figure, and the DED ablation policy."""
 import pytest
 
-import heterospec as hs  # noqa: F401  (puts python/ on the path via conftest)
+import heterospec as hs  # noqa: F401
 from heterospec import bench
 from heterospec.policy import HeteroSpec
 

@@ -9,11 +9,9 @@ import os
 import pytest
 import torch
 
-from test_driver_support import assert_cache_matches_fresh
-
-
-import heterospec as hs  # noqa: E402
-from heterospec.prompts import encode, load_prompts  # noqa: E402
+import heterospec as hs
+from heterospec.prompts import encode, load_prompts
+from heterospec.testing import assert_cache_matches_fresh
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.slow

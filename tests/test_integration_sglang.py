@@ -13,10 +13,8 @@ import torch.nn.functional as F
 import heterospec_ext as hx
 from heterospec_ext.integrations import reference as ref
 from heterospec_ext.integrations import sglang as sg
-from exact_law import (TokenPathTarget, assert_matches_exact_law,  # noqa: E402  (on sys.path)
-                       joint_counts)
-from test_fused_verify import make_parents  # noqa: E402
-from test_fused_verify_stats import chi_square  # noqa: E402
+from heterospec_ext.testing import (TokenPathTarget, assert_matches_exact_law, chi_square,
+                                    joint_counts, random_parent_row)
 
 FULL, QLEN, PACKED = sg.FULL_MASK, sg.QLEN_ONLY, sg.QLEN_ONLY_BITPACKING
 KINDS = ("ragged", "star", "chain", "kary", "padded")
@@ -268,7 +266,7 @@ def tree_shape(kind, n, gen):
     if kind == "kary":
         k = 2 + int(torch.randint(0, 3, (1,), generator=gen))
         return [-1] + [(i - 1) // k for i in range(1, n)]
-    return make_parents({"ragged": "bushy"}.get(kind, kind), n, gen).tolist()
+    return random_parent_row({"ragged": "bushy"}.get(kind, kind), n, gen).tolist()
 
 
 def linked_trees(bs, n, gen, *, permute_nodes=True, permute_index=True, kinds=KINDS):
