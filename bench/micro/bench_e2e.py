@@ -2,7 +2,7 @@
 
 As a script (the numbers in bench/RESULTS.md)::
 
-    python bench/bench_e2e.py [heterospec bench flags...]
+    python bench/micro/bench_e2e.py [heterospec bench flags...]
     # = heterospec bench --threads 2 --prompts-per-set 2 --max-new-tokens 64 --repeats 3
 
 runs AR, the static tree, HeteroSpec and HF assisted generation (same int8 draft) on real
@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_ARGS = ["--threads", "2", "--prompts-per-set", "2", "--max-new-tokens", "64",
                 "--repeats", "3"]
 

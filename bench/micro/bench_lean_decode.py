@@ -3,7 +3,7 @@ level, and our AR loop against plain HF ``generate``.
 
 As a script (the numbers in bench/RESULTS.md)::
 
-    python bench/bench_lean_decode.py --threads 2 --out lean_decode.json
+    python bench/micro/bench_lean_decode.py --threads 2 --out lean_decode.json
 
 1. **Verify-cost curve.** One tree forward of N = 1..64 nodes (a chain mask) after a
    ``--prefix``-token context, for the lean verifier and the HF module (``dynamic``), in
@@ -26,7 +26,7 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _import_heterospec():
