@@ -209,6 +209,60 @@ def test_help_exits_0():
     assert proc.returncode == 0 and "--truncate-prompt" in proc.stdout, proc.stderr
 
 
+# ----------------------------------------------------------------------------- the driver extra
+
+
+def _without_distributions(monkeypatch, *missing):
+    """Makes ``importlib.metadata`` report the ``missing`` distributions as not installed, as
+    after a kernels-only ``pip install heterospec``."""
+    import importlib.metadata
+
+    real = importlib.metadata.distribution
+
+    def distribution(name):
+        if name in missing:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", distribution)
+
+
+def test_the_driver_extra_is_installed_here():
+    from heterospec.driver_extra import driver_distributions, missing_extra_message
+
+    assert {"transformers", "accelerate", "gguf"} <= set(driver_distributions())
+    assert missing_extra_message() is None
+
+
+@pytest.mark.parametrize("argv", [
+    pytest.param(["generate", "--prompt", "hi"], id="generate"),
+    pytest.param(["bench", "--prompts-per-set", "1"], id="bench"),
+    pytest.param(["calibrate", "--prompts", "2", "--out", "p.json"], id="calibrate"),
+    pytest.param(["train-draft", "--out", "head"], id="train-draft"),
+])
+def test_without_the_driver_extra_the_command_names_it(monkeypatch, capsys, argv):
+    """Without the driver's dependencies every command ends in one line that names the missing
+    distributions and the extra to install, before anything imports them."""
+    from heterospec import cli
+
+    _without_distributions(monkeypatch, "accelerate", "gguf")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("heterospec: error: "), lines[0]
+    assert "gguf, accelerate missing" in lines[0], lines[0]
+    assert "pip install \"heterospec[driver]\"" in lines[0], lines[0]
+
+
+def test_help_needs_no_driver_extra(monkeypatch, capsys):
+    from heterospec import cli
+
+    _without_distributions(monkeypatch, "transformers")
+    assert cli.main(["generate", "--help"]) == 0
+    assert "--truncate-prompt" in capsys.readouterr().out
+
+
 # ----------------------------------------------------------------------------- prompt loaders
 
 
