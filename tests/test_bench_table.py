@@ -2,9 +2,10 @@
 markdown table, the figure, and the DED ablation policy."""
 import pytest
 
-import heterospec as hs  # noqa: F401
+import heterospec as hs
 from heterospec import bench
 from heterospec.policy import HeteroSpec
+from heterospec.testing import tiny_llama
 
 
 def _run(t, s, p, m, rep, wall, new=10, cycles=5, accepted=5, verified=40, strata=None,
@@ -61,3 +62,48 @@ def test_ded_ablation_keeps_depths_and_verifies_the_static_n():
     assert ded.policy_t[:, 0].tolist() == full.policy_t[:, 0].tolist()
     assert ded.policy_t[:, 1].tolist() == [30] * 8
     assert full.policy_t[0, 1] < 30  # the full policy prunes the lowest stratum
+
+
+def test_run_bench_end_to_end_on_a_tiny_model(tmp_path):
+    """run_bench with every kind of method on a tiny Llama: our methods decode exactly like AR
+    in float32, the HF generate baselines run, the best one is picked and every row gets its
+    ratio to it, and only the best HF configuration runs at T > 0."""
+    import torch
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(64)}, unk_token="w2"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="w2")
+    target = hs.CausalLM(tiny_llama(64, seed=1, logit_scale=20.0), tokenizer, name="tiny")
+    drafter = hs.ModelDrafter(hs.CausalLM(tiny_llama(64, seed=2, logit_scale=20.0), tokenizer,
+                                          name="d"), top_k=2)
+    policy = HeteroSpec(depth=2, top_k=2, total_tokens=5, thresholds=[0.5 * i for i in range(7)])
+    cost = HeteroSpec(depth=2, top_k=2, total_tokens=5, thresholds=policy.thresholds,
+                      table=[[1, 4]] * 3 + [[0, 5]] * 5)
+    cfg = bench.BenchConfig(sets=["gsm8k", "mtbench"], prompts_per_set=1, max_new_tokens=6,
+                            repeats=2, temperatures=[0.0, 1.0], ablation=True, cost_policy=cost,
+                            hf_configs=["float32:eager", "float32:sdpa"],
+                            labels={"model": "tiny"})
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        res = bench.run_bench(target, drafter, policy, cfg)
+    finally:
+        torch.set_num_threads(before)
+    methods = {r["method"] for r in res.rows}
+    assert methods == {"ar", "static", "ded", "heterospec", "cost", "hf:float32:eager",
+                       "hf:float32:sdpa"}
+    best = res.meta["best_hf"]
+    assert best in ("hf:float32:eager", "hf:float32:sdpa")
+    at = {(r["temperature"], r["set"], r["method"]): r for r in res.rows}
+    for m in ("static", "ded", "heterospec", "cost"):
+        assert at[(0.0, "mean", m)]["identical_to_ar"] == 2  # both prompts, float32: exact
+    assert at[(0.0, "mean", best)]["speedup_vs_hf"] == pytest.approx(1.0)
+    assert all(r["speedup_vs_hf"] is not None for r in res.rows)
+    # at T = 1 only the best HF configuration ran
+    hf_t1 = {m for (t, s, m) in at if t == 1.0 and m.startswith("hf:")}
+    assert hf_t1 == {best}
+    assert len(res.runs) == 2 * 2 * (7 + 6)  # prompts x repeats x (methods at T=0 + at T=1)
+    table = bench.format_table(res.rows)
+    assert "HF generate fp32 eager" in table and "HeteroSpec cost-aware" in table

@@ -22,7 +22,8 @@ import json
 import statistics
 import sys
 import time
-from typing import Dict, List, Optional
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
 
 METHOD_LABELS = {"ar": "AR", "static": "static tree", "ded": "+extended depth (DED)",
                  "heterospec": "HeteroSpec", "cost": "HeteroSpec cost-aware",
@@ -31,6 +32,30 @@ DEFAULT_HF_CONFIGS = ("float32:eager", "float32:sdpa", "bfloat16:eager", "bfloat
 HF_CONFIGS = tuple(f"{d}:{a}" for d in ("float32", "bfloat16", "float16")
                    for a in ("eager", "sdpa"))
 BENCH_METHODS = tuple(METHOD_LABELS) + tuple(f"hf:{c}" for c in HF_CONFIGS)
+
+
+@dataclass
+class BenchConfig:
+    """What :func:`run_bench` runs. ``methods`` empty: AR, the static tree, HeteroSpec (with
+    ``ablation`` also DED; with ``cost_policy`` also the cost-aware rule), the ``hf_configs``
+    HF generate baselines (unless ``no_hf``) and, with ``hf_assisted_draft``, HF assisted
+    generation with that draft module."""
+
+    sets: Sequence[str] = ("humaneval", "gsm8k", "mtbench")
+    prompts_per_set: int = 1
+    prompt_offset: int = 0
+    max_new_tokens: int = 48
+    repeats: int = 1
+    temperatures: Sequence[float] = (0.0,)
+    methods: Sequence[str] = ()
+    hf_configs: Sequence[str] = DEFAULT_HF_CONFIGS
+    no_hf: bool = False
+    ablation: bool = False
+    verifier: str = "auto"
+    truncate_prompt: str = "none"
+    cost_policy: Optional[object] = None  # a HeteroSpec with a cost-aware table
+    hf_assisted_draft: Optional[object] = None  # an nn.Module draft for HF assisted generation
+    labels: Dict[str, str] = field(default_factory=dict)  # provenance only (model, draft, ...)
 
 
 def method_label(m: str) -> str:
@@ -113,47 +138,50 @@ def _hf_assisted(target, draft_model, ids, max_new_tokens):
     return toks, wall, calls[0]
 
 
-def _methods(args, target, drafter, policy):
+def _methods(cfg: BenchConfig, target, drafter, policy):
     from .errors import GenerationConfigError
     from .generate import SpeculativeGenerator
     from .policy import HeteroSpec, StaticTree
 
-    wanted = [m.strip() for m in (args.methods or "").split(",") if m.strip()]
-    hf_configs = [c.strip() for c in (getattr(args, "hf_configs", None) or
-                                      ",".join(DEFAULT_HF_CONFIGS)).split(",") if c.strip()]
+    wanted = [m for m in cfg.methods if m]
     if not wanted:
         wanted = ["ar", "static"] + (["heterospec"] if policy.adaptive else [])
-        if getattr(args, "ablation", False) and policy.adaptive:
+        if cfg.ablation and policy.adaptive:
             wanted.insert(2, "ded")
-        if not args.no_hf:
-            wanted += [f"hf:{c}" for c in hf_configs]
-            if args.draft == "int8":
+        if cfg.cost_policy is not None:
+            wanted.append("cost")
+        if not cfg.no_hf:
+            wanted += [f"hf:{c}" for c in cfg.hf_configs]
+            if cfg.hf_assisted_draft is not None:
                 wanted.append("hf_assisted")
-    unknown = [m for m in wanted if m not in METHOD_LABELS and not is_hf_generate(m)]
-    bad_hf = [m for m in wanted if is_hf_generate(m) and (
-        len(m.split(":")) != 3 or m.split(":")[1] not in ("float32", "bfloat16", "float16")
-        or m.split(":")[2] not in ("eager", "sdpa"))]
-    if unknown or bad_hf:
-        raise GenerationConfigError(
-            f"--methods: unknown {unknown + bad_hf}; choose from {list(METHOD_LABELS)} or "
-            "hf:<float32|bfloat16|float16>:<eager|sdpa>")
+    unknown = [m for m in wanted if m not in BENCH_METHODS]
+    if unknown:
+        raise GenerationConfigError(f"methods: unknown {unknown}; choose from "
+                                    f"{list(BENCH_METHODS)}")
     if ("heterospec" in wanted or "ded" in wanted) and not policy.adaptive:
-        raise GenerationConfigError("--methods heterospec/ded need an adaptive --policy "
+        raise GenerationConfigError("methods heterospec/ded need an adaptive policy "
                                     "(heterospec or a policy JSON), not 'static'")
+    if "cost" in wanted and cfg.cost_policy is None:
+        raise GenerationConfigError("method cost needs a cost-aware policy (--cost-policy FILE)")
+    if "hf_assisted" in wanted and cfg.hf_assisted_draft is None:
+        raise GenerationConfigError("method hf_assisted needs a whole draft model")
     gens = {}
-    verifier = getattr(args, "verifier", "auto")
     static = StaticTree(depth=policy.depth, top_k=policy.top_k, total_tokens=policy.total_tokens)
     for m in wanted:
+        pol = None
         if m == "static":
-            gens[m] = SpeculativeGenerator(target, drafter, static, verifier=verifier)
+            pol = static
         elif m == "heterospec":
-            gens[m] = SpeculativeGenerator(target, drafter, policy, verifier=verifier)
+            pol = policy
+        elif m == "cost":
+            pol = cfg.cost_policy
         elif m == "ded":
-            ded = HeteroSpec(depth=policy.depth, top_k=policy.top_k,
+            pol = HeteroSpec(depth=policy.depth, top_k=policy.top_k,
                              total_tokens=policy.total_tokens, thresholds=policy.thresholds,
                              alpha=policy.alpha, gammas=policy.gammas, prune_top_n=False,
                              name="ded", source=policy.source)
-            gens[m] = SpeculativeGenerator(target, drafter, ded, verifier=verifier)
+        if pol is not None:
+            gens[m] = SpeculativeGenerator(target, drafter, pol, verifier=cfg.verifier)
     if any(is_hf_generate(m) for m in wanted):
         gens["hf"] = HFGenerate(target)
     return wanted, gens
@@ -171,7 +199,7 @@ def _run_once(m, gens, target, drafter, ids, n, sampling, verifier=None):
         return toks, {"new_tokens": len(toks), "wall_time_s": wall, "cycles": calls,
                       "verified_tokens": calls, "accepted_tokens": 0}
     if m == "hf_assisted":
-        toks, wall, calls = _hf_assisted(target, drafter.lm.model, ids, n)
+        toks, wall, calls = _hf_assisted(target, gens["hf_assisted_draft"], ids, n)
         return toks, {"new_tokens": len(toks), "wall_time_s": wall, "cycles": calls - 1,
                       "verified_tokens": None, "accepted_tokens": len(toks) - (calls - 1)}
     res = gens[m].generate(ids, n, sampling=sampling)
@@ -221,7 +249,7 @@ def aggregate(runs: List[dict], methods: List[str], sets: List[str],
                        "identical_to_ar": sum(r.get("identical_to_ar", False) for r in first)
                        if t == 0 else None}
                 decode = sum(r.get("wall_time_s", 0) - r.get("prefill_time_s", 0) for r in rs)
-                if m not in ("ar", "hf_assisted") and decode > 0:
+                if m not in ("ar", "hf_assisted") and not is_hf_generate(m) and decode > 0:
                     for part in ("draft", "verify", "overhead"):
                         row[f"{part}_share"] = sum(r[f"{part}_time_s"] for r in rs) / decode
                     row["overhead_ms_per_cycle"] = 1e3 * sum(r["overhead_time_s"] for r in rs) / \
@@ -348,7 +376,20 @@ def plot(rows: List[dict], path: str, title: str = "") -> None:
     plt.close(fig)
 
 
-def run_bench(args, load):
+@dataclass
+class BenchResult:
+    rows: List[dict]   # aggregate(): per temperature, set and method
+    runs: List[dict]   # every single decode
+    meta: dict         # the configuration and provenance
+
+    def to_json(self) -> dict:
+        return {"config": self.meta, "table": self.rows, "runs": self.runs}
+
+
+def run_bench(target, drafter, policy, cfg: BenchConfig, progress_factory=None) -> BenchResult:
+    """Decode every prompt of ``cfg.sets`` with every method (module docstring).
+    ``progress_factory(total, desc)`` (optional) makes a progress bar (``update``/``close``)
+    once the prompts are ready."""
     import torch
 
     from .cli_args import context_models, fit_to_context
@@ -356,43 +397,31 @@ def run_bench(args, load):
     from .prompts import encode, load_prompts
     from .verifier import make_verifier
 
-    target, drafter, policy = load(args)
-    methods, gens = _methods(args, target, drafter, policy)
-    temps = sorted(float(t) for t in str(getattr(args, "temperatures", "0")).split(",")
-                   if t.strip())
-    sets = [s.strip() for s in args.sets.split(",") if s.strip()]
-    n = args.max_new_tokens
-    largest_tree = max((g.policy.n_max for g in gens.values() if hasattr(g, "policy")), default=0)
+    methods, gens = _methods(cfg, target, drafter, policy)
+    if cfg.hf_assisted_draft is not None:
+        gens["hf_assisted_draft"] = cfg.hf_assisted_draft
+    temps = sorted(float(t) for t in cfg.temperatures)
+    sets = list(cfg.sets)
+    n = cfg.max_new_tokens
+    largest_tree = max((g.policy.n_max for g in gens.values() if hasattr(g, "policy")),
+                       default=0)
     prompts = []
     for name in sets:
-        for p in load_prompts(name, args.prompts_per_set, offset=getattr(args, "prompt_offset", 0)):
+        for p in load_prompts(name, cfg.prompts_per_set, offset=cfg.prompt_offset):
             ids = fit_to_context(encode(target.tokenizer, p["text"], p["chat"]),
                                  context_models(target, drafter), n, largest_tree,
-                                 getattr(args, "truncate_prompt", "none"))
+                                 cfg.truncate_prompt)
             prompts.append((name, p["id"], ids))
-    ar_verifier = make_verifier(target, getattr(args, "verifier", "auto"))
+    ar_verifier = make_verifier(target, cfg.verifier)
     hf_methods = [m for m in methods if is_hf_generate(m)]
+    best_hf = None
 
     def runs_at(t):
-        """The methods run at temperature ``t``: HF assisted only greedy; after a T = 0 pass,
-        only the best HF generate configuration."""
-        out = []
-        for m in methods:
-            if m == "hf_assisted" and t != 0:
-                continue
-            if is_hf_generate(m) and t != temps[0] and m != best_hf:
-                continue
-            out.append(m)
-        return out
+        """The methods run at temperature ``t``: HF assisted only greedy; after the first
+        temperature, only the best HF generate configuration."""
+        return [m for m in methods if not (m == "hf_assisted" and t != 0) and
+                not (is_hf_generate(m) and t != temps[0] and m != best_hf)]
 
-    best_hf = None
-    total = sum(len(methods) for _ in temps) * len(prompts) * args.repeats
-    try:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total, desc="bench", file=sys.stderr)
-    except ImportError:  # pragma: no cover
-        bar = None
     # warm-up: the first forwards after load are slow
     warm = prompts[0][2]
     autoregressive_generate(target, warm, 4, verifier=ar_verifier)
@@ -401,6 +430,13 @@ def run_bench(args, load):
             gens[m].generate(warm, 4)
         elif is_hf_generate(m):
             gens["hf"](m, warm, 4, 0.0, 0)
+    bar = None
+    if progress_factory is not None:
+        per_prompt = sum(len(runs_at(t)) if t == temps[0] else
+                         len([m for m in methods if not is_hf_generate(m)]) + (1 if hf_methods
+                                                                               else 0)
+                         for t in temps)
+        bar = progress_factory(per_prompt * len(prompts) * cfg.repeats, "bench")
     runs = []
     t_start = time.time()
     for t in temps:
@@ -408,7 +444,7 @@ def run_bench(args, load):
             ref = None
             for m in runs_at(t):
                 sampling = SamplingParams(temperature=t, seed=index)
-                for rep in range(args.repeats):
+                for rep in range(cfg.repeats):
                     toks, st = _run_once(m, gens, target, drafter, ids, n, sampling,
                                          verifier=ar_verifier)
                     if m == "ar" and rep == 0:
@@ -424,24 +460,11 @@ def run_bench(args, load):
     if bar is not None:
         bar.close()
     rows = aggregate(runs, methods, sets, temps)
-    meta = {"max_new_tokens": n, "repeats": args.repeats, "sets": sets,
-            "prompts_per_set": args.prompts_per_set, "temperatures": temps,
-            "policy": policy.describe(), "threads": torch.get_num_threads(),
-            "dtype": getattr(args, "resolved_dtype", str(target.dtype).replace("torch.", "")),
+    meta = {"max_new_tokens": n, "repeats": cfg.repeats, "sets": sets,
+            "prompts_per_set": cfg.prompts_per_set, "temperatures": temps,
+            "policy": policy.describe(),
+            "cost_policy": cfg.cost_policy.describe() if cfg.cost_policy is not None else None,
+            "threads": torch.get_num_threads(), "dtype": str(target.dtype).replace("torch.", ""),
             "verifier": type(ar_verifier).__name__, "best_hf": best_hf,
-            "draft": getattr(args, "draft_spec", args.draft),
-            "model": args.model or "SmolLM2-135M-Instruct.Q4_1.gguf",
-            "seconds": round(time.time() - t_start, 1),
-            "command": "heterospec " + " ".join(sys.argv[1:])}
-    if getattr(args, "out_json", None):
-        with open(args.out_json, "w") as f:
-            json.dump({"config": meta, "table": rows, "runs": runs}, f, indent=1)
-    if getattr(args, "figure", None):
-        plot(rows, args.figure, title=f"{meta['model']} + {meta['draft']}, "
-                                      f"{n} new tokens, {args.repeats} repeats")
-    if args.json:
-        print(json.dumps({"bench": rows, "config": meta}))
-    else:
-        print(format_table(rows))
-        print(f"config: {json.dumps(meta)}")
-    return 0
+            "seconds": round(time.time() - t_start, 1), **cfg.labels}
+    return BenchResult(rows, runs, meta)

