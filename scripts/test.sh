@@ -4,7 +4,7 @@
 # when a GPU is present; the fuzz and concurrency tests included), a smoke run of
 # the benchmarks, the C++ core tests (ctest), the CUDA compile checks
 # (scripts/cuda_check.sh) and the ASan + UBSan run (scripts/sanitize.sh).
-# Installs nothing itself.
+# Past the set-up it installs nothing.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh || { echo "setup failed"; exit 1; }
