@@ -31,14 +31,11 @@ def _import_heterospec():
 
 
 def test_e2e_tiny_decode(benchmark):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     hs = _import_heterospec()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
-    target = hs.CausalLM(LlamaForCausalLM(cfg).eval())
-    draft = hs.CausalLM(LlamaForCausalLM(cfg).eval())
+    from heterospec.testing import tiny_llama
+
+    target = hs.CausalLM(tiny_llama(vocab=64, seed=0))
+    draft = hs.CausalLM(tiny_llama(vocab=64, seed=1))
     gen = hs.SpeculativeGenerator(target, hs.ModelDrafter(draft, top_k=3),
                                   hs.HeteroSpec(depth=3, top_k=3, total_tokens=10))
     ref = hs.autoregressive_generate(target, [1, 2, 3], 16).token_ids

@@ -184,15 +184,11 @@ def main(argv=None):
 
 
 def test_tree_verify_lean_vs_hf_module(benchmark):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     hs = _import_heterospec()
+    from heterospec.testing import tiny_llama
     from heterospec.verifier import make_verifier
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
-    target = hs.CausalLM(LlamaForCausalLM(cfg).eval())
+    target = hs.CausalLM(tiny_llama(vocab=256, hidden=64))
     prefix = torch.arange(40) % 256
     toks = torch.arange(16) + 7
     lean, dyn = make_verifier(target, "lean"), make_verifier(target, "dynamic")
