@@ -2,7 +2,9 @@
 
 Build against the torch that is already installed, without build isolation:
 
-    pip install --no-build-isolation .          # or: PIP_NO_BUILD_ISOLATION=0 pip install .
+    pip install --no-build-isolation .            # the kernels (heterospec_ext); needs torch, numpy
+    pip install --no-build-isolation ".[driver]"  # plus the driver's dependencies, for the
+                                                  # `heterospec` command (python/heterospec)
 
 Environment:
     HX_BUILD=auto|cpu|cuda   auto (default): CUDA when torch is a CUDA build and CUDA_HOME is found
@@ -20,6 +22,8 @@ from setuptools import find_packages, setup
 
 VERSION = "0.1.0"
 ROOT = os.path.dirname(os.path.abspath(__file__))
+# The driver (python/heterospec) ships with the kernels when the tree has it.
+HAS_DRIVER = os.path.isdir(os.path.join(ROOT, "python", "heterospec"))
 
 try:
     import torch
@@ -60,6 +64,13 @@ def _arch_flags(arch_list: str):
             flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
         names.append(f"sm_{num}")
     return flags, names
+
+
+def _driver_requirements():
+    """The driver extra: the requirement lines of python/heterospec/requirements-driver.txt."""
+    path = os.path.join(ROOT, "python", "heterospec", "requirements-driver.txt")
+    with open(path) as f:
+        return [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
 
 
 def _extension():
@@ -115,15 +126,16 @@ setup(
     description="Fused C++/CUDA kernels for heterogeneity-adaptive tree speculative decoding",
     packages=find_packages(include=["heterospec_ext", "heterospec_ext.*"])
     + find_packages(where="python"),
-    package_dir={"heterospec": "python/heterospec"} if os.path.isdir("python/heterospec") else {},
+    package_dir={"heterospec": "python/heterospec"} if HAS_DRIVER else {},
     # the shipped policies and the trained SmolLM2 draft head travel with the package
     package_data={"heterospec": ["policies/*.json", "heads/*/*.json", "heads/*/*.safetensors",
                                  "heads/*/*.md", "requirements-driver.txt"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": _BuildExtension},
-    entry_points={"console_scripts": ["heterospec=heterospec.cli:main"]}
-    if os.path.isdir("python/heterospec") else {},
-    python_requires=">=3.9",
+    entry_points={"console_scripts": ["heterospec=heterospec.cli:main"]} if HAS_DRIVER else {},
+    # 3.10: annotations such as `int | None` are evaluated when modules are imported.
+    python_requires=">=3.10",
     install_requires=["torch>=2.4", "numpy"],
+    extras_require={"driver": _driver_requirements()} if HAS_DRIVER else {},
     zip_safe=False,
 )

@@ -6,7 +6,7 @@
 #      memcheck and racecheck over a slice of the fuzz suite on CUDA (tests/test_fuzz.py),
 #   4. measures the copy bandwidth and benchmarks every op against its composition,
 #   5. times one driver draft+verify cycle per tree size, eager vs CUDA-graph replay
-#      (bench/bench_cycle_graphs.py, a random model with the Llama-3.1-8B config, ~1 min).
+#      (bench/tools/bench_cycle_graphs.py, a random model with the Llama-3.1-8B config, ~1 min).
 # Prints the benchmark table last and writes everything under $OUT (or ./out).
 # Usage: bash bench/gpu_check.sh [--all]   (--all: also the CPU-parametrised tests)
 set -uo pipefail
@@ -14,7 +14,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}; mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+# The kernels build in place and the driver is imported from the tree (nothing is installed).
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-16}
 step() { echo; echo "=== $1 ($(date +%T)) ===" | tee -a "$LOG"; }
@@ -33,6 +34,8 @@ echo "built in $(( $(date +%s) - start )) s" | tee -a "$LOG"
 grep -E "Compiling entry|registers|spill" "$OUT/build.log" > "$OUT/ptxas.log" || true
 $PY -c "import heterospec_ext as hx; print(hx.build_info())" 2>&1 | tee -a "$LOG"
 
+# The bad-input tests call the ops in-process: under xdist a test that crashes its worker fails
+# alone ("worker crashed"), and the other tests still run.
 step "pytest (the cuda-parametrised tests and the CUDA-graph test; CPU runs in CI)"
 SEL=(-k "cuda")
 [ "${1:-}" = "--all" ] && SEL=()
@@ -43,20 +46,13 @@ grep -E "passed|failed|error" "$OUT/pytest.log" | tail -3 | tee -a "$LOG"
 if [ $rc -ne 0 ]; then
   echo "PYTEST rc=$rc" | tee -a "$LOG"; status=1
   grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | cut -c1-300 | head -60
-  grep -E "^E +case |Fatal Python error|File \"<string>\"" "$OUT/pytest.log" | head -30
+  grep -E "Fatal Python error|crashed while running" "$OUT/pytest.log" | head -30
 fi
-
-step "error-case tests in-process (diagnoses children that die on their own)"
-HX_ERROR_CASES_INPROCESS=1 timeout 60 $PY -m pytest -p no:cacheprovider -n 4 tests \
-  -k "cuda and (error or bad or invalid)" --ignore-glob="tests/test_driver*" -q -rfE --tb=short \
-  -p no:benchmark > "$OUT/pytest_inprocess.log" 2>&1
-grep -E "passed|failed|error" "$OUT/pytest_inprocess.log" | tail -2 | tee -a "$LOG"
-grep -E "^(FAILED|ERROR)" "$OUT/pytest_inprocess.log" | cut -c1-300 | head -20
 
 step "compute-sanitizer memcheck"
 if command -v compute-sanitizer >/dev/null; then
   timeout 50 compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
-    $PY bench/sanitizer_smoke.py > "$OUT/sanitizer.log" 2>&1
+    $PY bench/tools/sanitizer_smoke.py > "$OUT/sanitizer.log" 2>&1
   rc=$?
   tail -15 "$OUT/sanitizer.log" | tee -a "$LOG"
   if [ $rc -eq 9 ]; then echo "SANITIZER found errors" | tee -a "$LOG"; status=1;
@@ -88,11 +84,11 @@ else
 fi
 
 step "benchmarks"
-timeout 100 $PY bench/gpu_bench.py --replays 7 --out "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.log" | grep -v '^{' || status=1
+timeout 100 $PY bench/tools/gpu_bench.py --replays 7 --out "$OUT/gpu_bench.json" 2>&1 | tee "$OUT/gpu_bench.log" | grep -v '^{' || status=1
 
 step "driver CUDA graphs: draft+verify cycle by tree size (random Llama-3.1-8B config, bf16)"
 # Appended to gpu_bench.log (rows and the full results as JSON lines, then the table): $OUT
 # already holds the 8 files the device tool returns.
-timeout 150 $PY bench/bench_cycle_graphs.py --out - 2>&1 | tee -a "$OUT/gpu_bench.log" | grep -v '^{' || status=1
+timeout 150 $PY bench/tools/bench_cycle_graphs.py --out - 2>&1 | tee -a "$OUT/gpu_bench.log" | grep -v '^{' || status=1
 echo "gpu_check status=$status" | tee -a "$LOG"
 exit $status

@@ -41,42 +41,34 @@ inline void check_build_tree_args(const at::Tensor& pool_parents, const at::Tens
   HX_CHECK_SAME_DEVICE(top_n, pool_parents);
 }
 
-#define HX_CHECK_BUILD_TREE_OUT(t, dt, ...)                                     \
-  do {                                                                          \
-    TORCH_CHECK((t).scalar_type() == (dt), #t " must have dtype ", (dt),        \
-                ", got ", (t).scalar_type());                                   \
-    TORCH_CHECK((t).sizes() == at::IntArrayRef({__VA_ARGS__}), #t               \
-                " must have shape ", hx_shape(at::IntArrayRef({__VA_ARGS__})),  \
-                ", got ", hx_shape(t));                                         \
-    HX_CHECK_SAME_DEVICE(t, pool_parents);                                      \
-    TORCH_CHECK((t).is_contiguous(), #t " must be contiguous");                 \
-  } while (0)
-
-// n_max is taken from selected.size(1) by the _out op.
-inline void check_build_tree_outputs(const at::Tensor& pool_parents, const at::Tensor& selected,
-                                     const at::Tensor& tokens, const at::Tensor& parents,
-                                     const at::Tensor& depth, const at::Tensor& mask,
-                                     const at::Tensor& packed_mask,
-                                     const at::Tensor& first_child,
-                                     const at::Tensor& next_sibling, const at::Tensor& retrieve,
-                                     const at::Tensor& num_nodes) {
+// Every metadata check of build_tree_out: the inputs as build_tree checks them
+// with n_max = selected.size(1), then the outputs (contiguous, the shapes of
+// heterospec_ext.Tree, on pool_parents' device). Returns n_max.
+inline int64_t check_build_tree_out_args(
+    const at::Tensor& pool_parents, const at::Tensor& pool_scores, const at::Tensor& pool_tokens,
+    const at::Tensor& top_n, const at::Tensor& selected, const at::Tensor& tokens,
+    const at::Tensor& parents, const at::Tensor& depth, const at::Tensor& mask,
+    const at::Tensor& packed_mask, const at::Tensor& first_child, const at::Tensor& next_sibling,
+    const at::Tensor& retrieve, const at::Tensor& num_nodes) {
   HX_CHECK_DIM(selected, 2);
-  const int64_t batch = pool_parents.size(0);
   const int64_t n_max = selected.size(1);
+  check_build_tree_args(pool_parents, pool_scores, pool_tokens, top_n, n_max);
+  const int64_t batch = pool_parents.size(0);
   const int64_t words = core::packed_mask_words(n_max);
-  HX_CHECK_BUILD_TREE_OUT(selected, at::kLong, batch, n_max);
-  HX_CHECK_BUILD_TREE_OUT(tokens, at::kLong, batch, n_max);
-  HX_CHECK_BUILD_TREE_OUT(parents, at::kLong, batch, n_max);
-  HX_CHECK_BUILD_TREE_OUT(depth, at::kLong, batch, n_max);
-  HX_CHECK_BUILD_TREE_OUT(mask, at::kBool, batch, n_max, n_max);
-  HX_CHECK_BUILD_TREE_OUT(packed_mask, at::kInt, batch, n_max, words);
-  HX_CHECK_BUILD_TREE_OUT(first_child, at::kLong, batch, n_max);
-  HX_CHECK_BUILD_TREE_OUT(next_sibling, at::kLong, batch, n_max);
-  HX_CHECK_BUILD_TREE_OUT(retrieve, at::kLong, batch, n_max, n_max);
-  HX_CHECK_BUILD_TREE_OUT(num_nodes, at::kLong, batch);
+  const at::Tensor& in = pool_parents;
+  const char* in_name = "pool_parents";
+  check_output(selected, "selected", at::kLong, {batch, n_max}, in, in_name);
+  check_output(tokens, "tokens", at::kLong, {batch, n_max}, in, in_name);
+  check_output(parents, "parents", at::kLong, {batch, n_max}, in, in_name);
+  check_output(depth, "depth", at::kLong, {batch, n_max}, in, in_name);
+  check_output(mask, "mask", at::kBool, {batch, n_max, n_max}, in, in_name);
+  check_output(packed_mask, "packed_mask", at::kInt, {batch, n_max, words}, in, in_name);
+  check_output(first_child, "first_child", at::kLong, {batch, n_max}, in, in_name);
+  check_output(next_sibling, "next_sibling", at::kLong, {batch, n_max}, in, in_name);
+  check_output(retrieve, "retrieve", at::kLong, {batch, n_max, n_max}, in, in_name);
+  check_output(num_nodes, "num_nodes", at::kLong, {batch}, in, in_name);
+  return n_max;
 }
-
-#undef HX_CHECK_BUILD_TREE_OUT
 
 using BuildTreeResult = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                                    at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;

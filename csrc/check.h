@@ -1,5 +1,6 @@
 // Argument checks shared by the CPU and CUDA bindings. Every message names the
-// argument and states what was expected, so a user can fix the call site.
+// argument and states what was expected, so a user can fix the call site. The
+// fakes (heterospec_ext/ops/_fake_checks.py: check_tensor) word theirs alike.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -9,6 +10,8 @@
 #include <cstdint>
 #include <string>
 #include <type_traits>
+
+#include "core/macros.h"
 
 namespace heterospec {
 
@@ -69,6 +72,45 @@ inline std::string hx_value(T value) {
                   (t).scalar_type() == at::kBFloat16,                           \
               #t " must be float32, float16 or bfloat16, got ",                 \
               (t).scalar_type())
+
+namespace heterospec {
+
+// The check of every preallocated output of an _out op, in the order of the
+// fakes' check_tensor: rank, dtype, each size, the device of `input` (the
+// input the op allocates its functional outputs next to) and, unless the op
+// copies results back into strided buffers, a contiguous layout.
+inline void check_output(const at::Tensor& out, const char* name, at::ScalarType dtype,
+                         at::IntArrayRef sizes, const at::Tensor& input,
+                         const char* input_name, bool must_be_contiguous = true) {
+  const int64_t rank = static_cast<int64_t>(sizes.size());
+  TORCH_CHECK(out.dim() == rank, name, " must be a ", rank, "-D tensor, got ", out.dim(),
+              "-D with shape ", hx_shape(out));
+  TORCH_CHECK(out.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ",
+              out.scalar_type());
+  for (int64_t d = 0; d < rank; ++d) {
+    TORCH_CHECK(out.size(d) == sizes[d], name, ".size(", d, ") must be ", sizes[d], ", got ",
+                out.size(d), " (shape ", hx_shape(out), ")");
+  }
+  TORCH_CHECK(out.device() == input.device(), name, " and ", input_name,
+              " must be on the same device, got ", out.device(), " and ", input.device());
+  TORCH_CHECK(!must_be_contiguous || out.is_contiguous(), name, " must be contiguous");
+}
+
+// The torch-free launchers' name for a logit dtype. Call it after
+// HX_CHECK_LOGIT_DTYPE: every op checks its logits' dtype first, so the error
+// below is unreachable through the ops and only guards new call sites.
+inline core::LogitDType logit_dtype(const at::Tensor& logits, const char* name) {
+  switch (logits.scalar_type()) {
+    case at::kFloat: return core::LogitDType::kFloat32;
+    case at::kHalf: return core::LogitDType::kFloat16;
+    case at::kBFloat16: return core::LogitDType::kBFloat16;
+    default:
+      TORCH_CHECK(false, name, " must be float32, float16 or bfloat16, got ",
+                  logits.scalar_type());
+  }
+}
+
+}  // namespace heterospec
 
 // Raised by a kernel's CPU path when a data-dependent check fails
 // (NaN logits, malformed tree). CUDA paths never sync to raise; they write

@@ -36,34 +36,29 @@ inline float check_draft_topk_entropy_args(const at::Tensor& logits, int64_t k,
   return temperature_f;
 }
 
-inline void check_draft_topk_entropy_out(const at::Tensor& out, const char* name,
-                                         const at::Tensor& logits,
-                                         at::IntArrayRef expected_shape,
-                                         at::ScalarType expected_dtype) {
-  TORCH_CHECK(out.sizes() == expected_shape, name, " must have shape ", hx_shape(expected_shape),
-              ", got ", hx_shape(out));
-  TORCH_CHECK(out.scalar_type() == expected_dtype, name, " must have dtype ",
-              expected_dtype, ", got ", out.scalar_type());
-  TORCH_CHECK(out.device() == logits.device(), name,
-              " must be on the same device as logits (", logits.device(), "), got ",
-              out.device());
-  TORCH_CHECK(out.is_contiguous(), name, " must be contiguous");
-}
-
-// Checks the five preallocated outputs of draft_topk_entropy_out.
-inline void check_draft_topk_entropy_outs(const at::Tensor& logits, int64_t k,
-                                          const at::Tensor& topk_logprobs,
-                                          const at::Tensor& topk_ids,
-                                          const at::Tensor& topk_entropy,
-                                          const at::Tensor& entropy,
-                                          const at::Tensor& logsumexp) {
+// Every metadata check of draft_topk_entropy_out: the arguments as
+// draft_topk_entropy checks them, that logits is on the backend's device type
+// (`backend`; when only the outputs are, the dispatcher still picks this
+// backend, and the error should name logits), then the outputs (contiguous,
+// on logits' device; topk_logprobs / topk_ids [rows, k], the others [rows]).
+// Returns the float32 temperature.
+inline float check_draft_topk_entropy_out_args(const at::Tensor& logits, int64_t k,
+                                               double temperature, c10::DeviceType backend,
+                                               const at::Tensor& topk_logprobs,
+                                               const at::Tensor& topk_ids,
+                                               const at::Tensor& topk_entropy,
+                                               const at::Tensor& entropy,
+                                               const at::Tensor& logsumexp) {
+  const float temperature_f = check_draft_topk_entropy_args(logits, k, temperature);
+  TORCH_CHECK(logits.device().type() == backend, "logits must be a ", backend,
+              " tensor, got ", logits.device());
   const int64_t rows = logits.size(0);
-  check_draft_topk_entropy_out(topk_logprobs, "topk_logprobs", logits, {rows, k},
-                               at::kFloat);
-  check_draft_topk_entropy_out(topk_ids, "topk_ids", logits, {rows, k}, at::kLong);
-  check_draft_topk_entropy_out(topk_entropy, "topk_entropy", logits, {rows}, at::kFloat);
-  check_draft_topk_entropy_out(entropy, "entropy", logits, {rows}, at::kFloat);
-  check_draft_topk_entropy_out(logsumexp, "logsumexp", logits, {rows}, at::kFloat);
+  check_output(topk_logprobs, "topk_logprobs", at::kFloat, {rows, k}, logits, "logits");
+  check_output(topk_ids, "topk_ids", at::kLong, {rows, k}, logits, "logits");
+  check_output(topk_entropy, "topk_entropy", at::kFloat, {rows}, logits, "logits");
+  check_output(entropy, "entropy", at::kFloat, {rows}, logits, "logits");
+  check_output(logsumexp, "logsumexp", at::kFloat, {rows}, logits, "logits");
+  return temperature_f;
 }
 
 // The functional draft_topk_entropy of both backends: the outputs are

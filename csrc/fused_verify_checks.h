@@ -7,6 +7,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <c10/util/Exception.h>
 #include <optional>
 #include <tuple>
@@ -84,31 +85,58 @@ inline void check_fused_verify_args(const at::Tensor& target_logits,
   }
 }
 
-// Outputs of fused_verify_out: out_tokens, accepted_nodes [B, N] int64 and
+// Every metadata check of fused_verify_out: the inputs as fused_verify checks
+// them, then the outputs: out_tokens, accepted_nodes [B, N] int64 and
 // num_accepted [B] int64 on target_logits' device (any strides).
-inline void check_fused_verify_outputs(const at::Tensor& target_logits,
-                                       const at::Tensor& out_tokens,
-                                       const at::Tensor& accepted_nodes,
-                                       const at::Tensor& num_accepted) {
+inline void check_fused_verify_out_args(const at::Tensor& target_logits,
+                                        const at::Tensor& candidates, const at::Tensor& parents,
+                                        const at::Tensor& temperature, const at::Tensor& top_k,
+                                        const at::Tensor& top_p, const at::Tensor& uniforms,
+                                        const std::optional<at::Tensor>& draft_probs,
+                                        const at::Tensor& out_tokens,
+                                        const at::Tensor& accepted_nodes,
+                                        const at::Tensor& num_accepted) {
+  check_fused_verify_args(target_logits, candidates, parents, temperature, top_k, top_p,
+                          uniforms, draft_probs);
   const int64_t batch = target_logits.size(0);
   const int64_t nodes = target_logits.size(1);
-  HX_CHECK_DIM(out_tokens, 2);
-  HX_CHECK_DTYPE(out_tokens, at::kLong);
-  HX_CHECK_SIZE(out_tokens, 0, batch);
-  HX_CHECK_SIZE(out_tokens, 1, nodes);
-  HX_CHECK_SAME_DEVICE(out_tokens, target_logits);
-
-  HX_CHECK_DIM(accepted_nodes, 2);
-  HX_CHECK_DTYPE(accepted_nodes, at::kLong);
-  HX_CHECK_SIZE(accepted_nodes, 0, batch);
-  HX_CHECK_SIZE(accepted_nodes, 1, nodes);
-  HX_CHECK_SAME_DEVICE(accepted_nodes, target_logits);
-
-  HX_CHECK_DIM(num_accepted, 1);
-  HX_CHECK_DTYPE(num_accepted, at::kLong);
-  HX_CHECK_SIZE(num_accepted, 0, batch);
-  HX_CHECK_SAME_DEVICE(num_accepted, target_logits);
+  // Any strides: the bindings write through contiguous temporaries (FusedVerifyOutputs).
+  constexpr bool kMustBeContiguous = false;
+  check_output(out_tokens, "out_tokens", at::kLong, {batch, nodes}, target_logits,
+               "target_logits", kMustBeContiguous);
+  check_output(accepted_nodes, "accepted_nodes", at::kLong, {batch, nodes}, target_logits,
+               "target_logits", kMustBeContiguous);
+  check_output(num_accepted, "num_accepted", at::kLong, {batch}, target_logits, "target_logits",
+               kMustBeContiguous);
 }
+
+// Logits and draft_probs are read through their batch and node strides; the
+// vocab dimension must be contiguous for the row scans of both backends.
+inline at::Tensor rows_contiguous(const at::Tensor& t) {
+  return t.stride(2) == 1 ? t : t.contiguous();
+}
+
+// The outputs of fused_verify_out as the kernels write them: each caller
+// buffer itself when it is contiguous, else a contiguous temporary that
+// copy_back() copies into the caller's strided buffer after the kernel.
+struct FusedVerifyOutputs {
+  at::Tensor out_tokens;
+  at::Tensor accepted_nodes;
+  at::Tensor num_accepted;
+
+  static at::Tensor writable(const at::Tensor& out) {
+    return out.is_contiguous() ? out : at::empty_like(out, at::MemoryFormat::Contiguous);
+  }
+  FusedVerifyOutputs(const at::Tensor& tokens, const at::Tensor& nodes, const at::Tensor& num)
+      : out_tokens(writable(tokens)), accepted_nodes(writable(nodes)),
+        num_accepted(writable(num)) {}
+
+  void copy_back(at::Tensor& tokens, at::Tensor& nodes, at::Tensor& num) const {
+    if (!out_tokens.is_same(tokens)) tokens.copy_(out_tokens);
+    if (!accepted_nodes.is_same(nodes)) nodes.copy_(accepted_nodes);
+    if (!num_accepted.is_same(num)) num.copy_(num_accepted);
+  }
+};
 
 // The functional fused_verify of both backends: the outputs are allocated from
 // target_logits' shape alone (never from data, so it is capture-safe) on its

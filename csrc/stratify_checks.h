@@ -42,27 +42,21 @@ inline void check_stratify_args(const at::Tensor& step_entropy, const at::Tensor
   HX_CHECK_SAME_DEVICE(policy, parents);
 }
 
-#define HX_CHECK_STRATIFY_OUT(t, dt)                                            \
-  do {                                                                          \
-    HX_CHECK_DIM(t, 1);                                                         \
-    HX_CHECK_DTYPE(t, dt);                                                      \
-    HX_CHECK_SIZE(t, 0, batch);                                                 \
-    HX_CHECK_SAME_DEVICE(t, parents);                                           \
-    TORCH_CHECK((t).is_contiguous(), #t " must be contiguous");                 \
-  } while (0)
-
-inline void check_stratify_outputs(const at::Tensor& parents, const at::Tensor& path_entropy,
-                                   const at::Tensor& pstar, const at::Tensor& stratum,
-                                   const at::Tensor& extra_depth, const at::Tensor& top_n) {
+// Every metadata check of stratify_out: the inputs as stratify checks them,
+// then the outputs (contiguous [B] tensors on parents' device).
+inline void check_stratify_out_args(const at::Tensor& step_entropy, const at::Tensor& confidence,
+                                    const at::Tensor& parents, const at::Tensor& thresholds,
+                                    const at::Tensor& policy, const at::Tensor& path_entropy,
+                                    const at::Tensor& pstar, const at::Tensor& stratum,
+                                    const at::Tensor& extra_depth, const at::Tensor& top_n) {
+  check_stratify_args(step_entropy, confidence, parents, thresholds, policy);
   const int64_t batch = parents.size(0);
-  HX_CHECK_STRATIFY_OUT(path_entropy, at::kFloat);
-  HX_CHECK_STRATIFY_OUT(pstar, at::kLong);
-  HX_CHECK_STRATIFY_OUT(stratum, at::kLong);
-  HX_CHECK_STRATIFY_OUT(extra_depth, at::kLong);
-  HX_CHECK_STRATIFY_OUT(top_n, at::kLong);
+  check_output(path_entropy, "path_entropy", at::kFloat, {batch}, parents, "parents");
+  check_output(pstar, "pstar", at::kLong, {batch}, parents, "parents");
+  check_output(stratum, "stratum", at::kLong, {batch}, parents, "parents");
+  check_output(extra_depth, "extra_depth", at::kLong, {batch}, parents, "parents");
+  check_output(top_n, "top_n", at::kLong, {batch}, parents, "parents");
 }
-
-#undef HX_CHECK_STRATIFY_OUT
 
 // The functional stratify of both backends: the outputs are allocated from the
 // input shapes alone (never from data, so it is capture-safe) on parents'

@@ -1,7 +1,8 @@
 // The single place where heterospec's operator schemas are declared, plus the
 // pybind11 module heterospec_ext._C that reports how the extension was built.
-// Kernels register under these names in csrc/cpu/*_cpu.cpp and
-// csrc/cuda/*_cuda.cpp; fake (meta) kernels live in heterospec_ext/ops/*.py.
+// Kernels register under these names at the end of csrc/cpu/<op>_cpu.cpp and
+// csrc/cuda/<op>_cuda.cpp (one TORCH_LIBRARY_IMPL block per file, outside every
+// namespace); fake (meta) kernels live in heterospec_ext/ops/<op>.py.
 #include <torch/extension.h>
 #include <torch/library.h>
 

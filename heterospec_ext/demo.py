@@ -2,7 +2,7 @@
 
     python -m heterospec_ext.demo [--device cpu|cuda] [--vocab 128256] [--batch 2]
 
-The draft pool has EAGLE-3's shape (top_k=10, depth=5: 10 + 5*100 nodes); the logits are
+The draft pool has EAGLE-3's shape (top_k=10, depth=5: 1 + 10 + 5*100 nodes); the logits are
 synthetic, with a peaked (predictable) request and a flat (uncertain) one, so the two land in
 different strata and get different trees.
 """
@@ -12,21 +12,7 @@ import time
 import torch
 
 import heterospec_ext as hx
-
-
-def eagle_pool_parents(k: int, depth: int) -> torch.Tensor:
-    """Parents of an EAGLE-2 pool: root, k level-0 nodes, then k*k children of the k best nodes
-    per level (here the first k of the previous level)."""
-    parents = [-1] + [0] * k
-    frontier = list(range(1, 1 + k))
-    for _ in range(depth):
-        nxt = []
-        for f in frontier:
-            for _ in range(k):
-                nxt.append(len(parents))
-                parents.append(f)
-        frontier = nxt[:k]
-    return torch.tensor(parents, dtype=torch.int64)
+from heterospec_ext.testing import eagle_pool
 
 
 def timed(fn, device):
@@ -55,7 +41,10 @@ def main():
     print(f"device={device} batch={B} vocab={V} EAGLE top_k={k} depth={args.depth} "
           f"total_tokens={args.total_tokens}")
 
-    parents = eagle_pool_parents(k, args.depth).expand(B, -1).contiguous().to(device)
+    # One EAGLE-2 pool shape for every request (its random scores are replaced below by the
+    # cumulative log-probs of this cycle's draft logits).
+    pool_parents, _ = eagle_pool(1, k, args.depth, torch.Generator().manual_seed(args.seed))
+    parents = pool_parents.expand(B, -1).contiguous().to(device)
     M = parents.shape[1]
     # Request b gets draft logits with peak height 12 / (b + 1): request 0 is predictable.
     peak = torch.tensor([12.0 / (b + 1) for b in range(B)]).repeat_interleave(M).to(device)

@@ -61,23 +61,31 @@ def draft_topk_entropy(logits: torch.Tensor, k: int, temperature: float = 1.0):
 
 
 def _tree_defect(parents_row):
-    """Lowest malformed node of one parent row as ``(node, parent)``, or None for a valid tree."""
+    """Lowest malformed node of one parent row (a list) as ``(node, parent, why)``, or None for
+    a valid tree; ``why`` words the defect as ``core::tree_defect_message`` does."""
     for i, p in enumerate(parents_row):
         if i == 0:
-            bad = p != -1
-        else:
-            bad = p < -1 or p >= i or (p > 0 and parents_row[p] == -1)
-        if bad:
-            return i, p
+            if p != -1:
+                return i, p, "the root (node 0) must have parent -1"
+        elif p < -1 or p >= i:
+            return i, p, "a node's parent must be -1 (padding) or a lower node index"
+        elif p > 0 and parents_row[p] == -1:
+            return i, p, "a real node's parent is a padding slot"
     return None
+
+
+def _check_tree_row(parents_row, name, op, b):
+    """Raise the kernels' ValueError for a malformed parent row (a list) of request ``b``."""
+    defect = _tree_defect(parents_row)
+    if defect is not None:
+        node, parent, why = defect
+        raise ValueError(f"{op}: {name} of request {b} is not a valid tree: node {node} has "
+                         f"parent {parent} ({why})")
 
 
 def _check_tree(parents, name, op):
     for b, row in enumerate(parents.tolist()):
-        defect = _tree_defect(row)
-        if defect is not None:
-            raise ValueError(f"{op}: {name} of request {b} is not a valid tree: node {defect[0]} "
-                             f"has parent {defect[1]}")
+        _check_tree_row(row, name, op, b)
 
 
 def stratify(step_entropy, confidence, parents, thresholds, policy):
@@ -207,16 +215,7 @@ def _fv_children(parents_row, v: int):
 
 def _fv_validate_tree(parents_row, candidates_row, vocab: int, b: int):
     n = parents_row.numel()
-    if int(parents_row[0]) != -1:
-        raise ValueError(f"parents: request {b}: the root's parent (node 0) must be -1, "
-                         f"got {int(parents_row[0])}")
-    for i in range(1, n):
-        p = int(parents_row[i])
-        if p == -1:
-            continue
-        if not 0 <= p < i or (p > 0 and int(parents_row[p]) == -1):
-            raise ValueError(f"parents: request {b}: node {i} has invalid parent {p} "
-                             f"(need -1 or a real node in [0, {i}))")
+    _check_tree_row(parents_row.tolist(), "parents", "fused_verify", b)
     for i in range(1, n):
         if int(parents_row[i]) >= 0 and not 0 <= int(candidates_row[i]) < vocab:
             raise ValueError(f"candidates: request {b}: node {i} has token "

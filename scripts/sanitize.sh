@@ -5,12 +5,12 @@
 #   2. a second copy of the extension built with the same flags into build/sanitize/stage
 #      (the editable install in .venv is left alone), then, with python started under
 #      LD_PRELOAD=libasan (python itself is not instrumented) and that copy first on the path:
-#      the bad-input tests (each malformed call in a subprocess, which inherits the setup),
-#      the meta / mixed-device tests, the concurrency test and a slice of the fuzz suite.
+#      the bad-input tests, the meta / mixed-device tests, the concurrency test and a slice of
+#      the fuzz suite.
 # Any report aborts the process that hit it (-fno-sanitize-recover=all, halt_on_error), so a
 # report fails the step. Leak detection is off: CPython and torch keep allocations to exit.
 # Usage: bash scripts/sanitize.sh   (HX_SANITIZE_FUZZ_EXAMPLES: fuzz examples per op, 60)
-# Expects .venv from scripts/setup_env.sh and libgtest-dev (scripts/test.sh installs it).
+# Expects .venv and libgtest-dev, both from scripts/setup_env.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 VENV=${HX_VENV:-.venv}
@@ -51,7 +51,7 @@ export LD_PRELOAD="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=lib
 export ASAN_OPTIONS=detect_leaks=0:halt_on_error=1:abort_on_error=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 # -P / PYTHONSAFEPATH: no implicit current directory on sys.path, so `import heterospec_ext`
-# finds the sanitized copy first, also in the error-case subprocesses.
+# finds the sanitized copy first, also in any subprocess a test starts.
 export PYTHONPATH="$OUT/stage" PYTHONSAFEPATH=1
 "$PY" -c "import heterospec_ext as hx; assert hx.__file__.startswith('$OUT/stage'), hx.__file__" \
   || { echo "the sanitized copy is not the one imported"; exit 1; }

@@ -2,9 +2,10 @@
 markdown table, the figure, and the DED ablation policy."""
 import pytest
 
-import heterospec as hs  # noqa: F401  (puts python/ on the path via conftest)
+import heterospec as hs
 from heterospec import bench
 from heterospec.policy import HeteroSpec
+from heterospec.testing import tiny_llama
 
 
 def _run(t, s, p, m, rep, wall, new=10, cycles=5, accepted=5, verified=40, strata=None,
@@ -70,8 +71,6 @@ def test_run_bench_end_to_end_on_a_tiny_model(tmp_path):
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
-
-    from test_driver_support import tiny_llama
 
     tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(64)}, unk_token="w2"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -1,17 +1,14 @@
 """build_tree: best-first selection, tree description, invariants, layouts, errors."""
-import os
-import sys
 import zlib
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import heterospec_ext as hx
-from heterospec_ext.testing import eagle_pool, random_parents
+from heterospec_ext.testing import eagle_pool, raises_exactly, random_parents
 from heterospec_ext import reference as ref
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import run_error_cases  # noqa: E402  (tests/ is not a package)
 
 OP = torch.ops.heterospec.build_tree.default
 OP_OUT = torch.ops.heterospec.build_tree_out.default
@@ -339,7 +336,7 @@ MALFORMED_POOLS = {
 
 def test_malformed_pool_on_cuda_is_emitted_empty(device):
     if device.type != "cuda":
-        pytest.skip("CPU raises instead (see test_error_cases)")
+        pytest.skip("CPU raises instead (test_malformed_pools_raise_on_cpu_and_not_on_cuda)")
     for name, rows in MALFORMED_POOLS.items():
         args = [torch.tensor(rows, device=device), torch.rand(2, 4, device=device),
                 torch.arange(8, device=device).view(2, 4), torch.tensor([3, 3], device=device)]
@@ -355,68 +352,78 @@ def test_malformed_pool_on_cuda_is_emitted_empty(device):
             assert torch.equal(got[:1], want), name
 
 
-GOOD = """
-i64 = dict(dtype=torch.int64, device=device)
-pp = torch.tensor([[-1, 0, 1, 0], [-1, 0, 1, 1]], device=device)
-sc = torch.rand(2, 4, device=device); tk = torch.arange(8, device=device).view(2, 4)
-tn = torch.tensor([2, 3], device=device)
-outs = [t for t in hx.build_tree(pp, sc, tk, tn, 5)]
-"""
+def _good_inputs(device):
+    """Valid build_tree arguments (B = 2, M = 4) and their functional outputs for n_max = 5."""
+    x = SimpleNamespace(
+        pp=torch.tensor([[-1, 0, 1, 0], [-1, 0, 1, 1]], device=device),
+        sc=torch.rand(2, 4, device=device), tk=torch.arange(8, device=device).view(2, 4),
+        tn=torch.tensor([2, 3], device=device))
+    x.outs = list(hx.build_tree(x.pp, x.sc, x.tk, x.tn, 5))
+    return x
 
 
-def test_error_cases(device):
-    def out_with(index, replacement):
-        return (f"outs[{index}] = {replacement}\n"
-                "hx.build_tree_out(pp, sc, tk, tn, *outs)")
+def _out_with(x, index, replacement):
+    """build_tree_out into x's outputs with output ``index`` replaced."""
+    outs = list(x.outs)
+    outs[index] = replacement
+    hx.build_tree_out(x.pp, x.sc, x.tk, x.tn, *outs)
 
-    cases = {
-        "parents_dtype": ("hx.build_tree(pp.int(), sc, tk, tn, 5)", "RuntimeError",
-                          "pool_parents"),
-        "parents_rank": ("hx.build_tree(pp[0], sc, tk, tn, 5)", "RuntimeError", "pool_parents"),
-        "parents_empty": ("hx.build_tree(pp[:, :0], sc[:, :0], tk[:, :0], tn, 5)", "RuntimeError",
-                          "pool_parents"),
-        "scores_dtype": ("hx.build_tree(pp, sc.double(), tk, tn, 5)", "RuntimeError",
-                         "pool_scores"),
-        "scores_shape": ("hx.build_tree(pp, sc[:, :3], tk, tn, 5)", "RuntimeError",
-                         "pool_scores"),
-        "tokens_dtype": ("hx.build_tree(pp, sc, tk.int(), tn, 5)", "RuntimeError",
-                         "pool_tokens"),
-        "tokens_shape": ("hx.build_tree(pp, sc, tk[:1], tn, 5)", "RuntimeError", "pool_tokens"),
-        "top_n_dtype": ("hx.build_tree(pp, sc, tk, tn.int(), 5)", "RuntimeError", "top_n"),
-        "top_n_rank": ("hx.build_tree(pp, sc, tk, tn[None], 5)", "RuntimeError", "top_n"),
-        "top_n_shape": ("hx.build_tree(pp, sc, tk, tn[:1], 5)", "RuntimeError", "top_n"),
-        "n_max_zero": ("hx.build_tree(pp, sc, tk, tn, 0)", "RuntimeError", "n_max"),
-        "n_max_negative": ("hx.build_tree(pp, sc, tk, tn, -3)", "RuntimeError", "n_max"),
-        "out_selected_empty": (out_with(0, "torch.empty(2, 0, **i64)"), "RuntimeError", "n_max"),
-        "out_mask_dtype": (out_with(4, "outs[4].int()"), "RuntimeError", "mask"),
-        "out_packed_shape": (out_with(5, "torch.empty(2, 5, 2, dtype=torch.int32, "
-                                         "device=device)"), "RuntimeError", "packed_mask"),
-        "out_retrieve_shape": (out_with(8, "torch.empty(2, 5, 4, **i64)"), "RuntimeError",
-                               "retrieve"),
-        "out_num_nodes_strided": (out_with(9, "torch.empty(4, **i64)[::2]"), "RuntimeError",
-                                  "num_nodes"),
-    }
-    data_cases = {
-        f"malformed_{name}": (f"hx.build_tree(torch.tensor({rows}, device=device), sc, tk, tn, 5)",
-                              "ValueError", "pool_parents")
-        for name, rows in MALFORMED_POOLS.items()
-    }
-    if device.type == "cpu":
-        cases.update(data_cases)
+
+# name -> (call with the inputs x on device d, text the RuntimeError must hold)
+ARGUMENT_ERRORS = {
+    "parents_dtype": (lambda x, d: hx.build_tree(x.pp.int(), x.sc, x.tk, x.tn, 5), "pool_parents"),
+    "parents_rank": (lambda x, d: hx.build_tree(x.pp[0], x.sc, x.tk, x.tn, 5), "pool_parents"),
+    "parents_empty": (lambda x, d: hx.build_tree(x.pp[:, :0], x.sc[:, :0], x.tk[:, :0], x.tn, 5),
+                      "pool_parents"),
+    "scores_dtype": (lambda x, d: hx.build_tree(x.pp, x.sc.double(), x.tk, x.tn, 5),
+                     "pool_scores"),
+    "scores_shape": (lambda x, d: hx.build_tree(x.pp, x.sc[:, :3], x.tk, x.tn, 5), "pool_scores"),
+    "tokens_dtype": (lambda x, d: hx.build_tree(x.pp, x.sc, x.tk.int(), x.tn, 5), "pool_tokens"),
+    "tokens_shape": (lambda x, d: hx.build_tree(x.pp, x.sc, x.tk[:1], x.tn, 5), "pool_tokens"),
+    "top_n_dtype": (lambda x, d: hx.build_tree(x.pp, x.sc, x.tk, x.tn.int(), 5), "top_n"),
+    "top_n_rank": (lambda x, d: hx.build_tree(x.pp, x.sc, x.tk, x.tn[None], 5), "top_n"),
+    "top_n_shape": (lambda x, d: hx.build_tree(x.pp, x.sc, x.tk, x.tn[:1], 5), "top_n"),
+    "n_max_zero": (lambda x, d: hx.build_tree(x.pp, x.sc, x.tk, x.tn, 0), "n_max"),
+    "n_max_negative": (lambda x, d: hx.build_tree(x.pp, x.sc, x.tk, x.tn, -3), "n_max"),
+    "out_selected_empty": (lambda x, d: _out_with(x, 0, torch.empty(2, 0, dtype=torch.int64,
+                                                                    device=d)), "n_max"),
+    "out_mask_dtype": (lambda x, d: _out_with(x, 4, x.outs[4].int()), "mask"),
+    "out_packed_shape": (lambda x, d: _out_with(x, 5, torch.empty(2, 5, 2, dtype=torch.int32,
+                                                                  device=d)), "packed_mask"),
+    "out_retrieve_shape": (lambda x, d: _out_with(x, 8, torch.empty(2, 5, 4, dtype=torch.int64,
+                                                                    device=d)), "retrieve"),
+    "out_num_nodes_strided": (lambda x, d: _out_with(x, 9, torch.empty(
+        4, dtype=torch.int64, device=d)[::2]), "num_nodes"),
+}
+
+
+@pytest.mark.parametrize("case", ARGUMENT_ERRORS)
+def test_argument_errors(device, case):
+    call, needle = ARGUMENT_ERRORS[case]
+    with raises_exactly(RuntimeError, needle):
+        call(_good_inputs(device), device)
+
+
+def test_inputs_on_two_devices_raise(device):
+    if device.type != "cuda":
+        pytest.skip("needs a second device type")
+    x = _good_inputs(device)
+    with raises_exactly(RuntimeError, "same device"):
+        hx.build_tree(x.pp, x.sc.cpu(), x.tk, x.tn, 5)
+
+
+@pytest.mark.parametrize("case", MALFORMED_POOLS)
+def test_malformed_pools_raise_on_cpu_and_not_on_cuda(device, case):
+    """CPU raises ValueError naming pool_parents and request 1; CUDA, which never syncs to
+    raise, returns (test_malformed_pool_on_cuda_is_emitted_empty checks the values)."""
+    x = _good_inputs(device)
+    pool_parents = torch.tensor(MALFORMED_POOLS[case], device=device)
     if device.type == "cuda":
-        cases["device_mismatch"] = ("hx.build_tree(pp, sc.cpu(), tk, tn, 5)", "RuntimeError",
-                                    "same device")
-    results = run_error_cases([(n, GOOD + code) for n, (code, _, _) in cases.items()], device)
-    for name, (_, exc_type, needle) in cases.items():
-        got_type, message = results[name]
-        assert got_type == exc_type, f"{name}: {got_type}: {message}"
-        assert needle in message, f"{name}: {message}"
-        if name.startswith("malformed_"):
-            assert "request 1" in message, f"{name}: {message}"
-    if device.type == "cuda":
-        results = run_error_cases([(n, GOOD + code) for n, (code, _, _) in data_cases.items()],
-                                  device)
-        assert all(v[0] is None for v in results.values()), results
+        hx.build_tree(pool_parents, x.sc, x.tk, x.tn, 5)
+        torch.cuda.synchronize()
+        return
+    with raises_exactly(ValueError, r"^build_tree: pool_parents of request 1 "):
+        hx.build_tree(pool_parents, x.sc, x.tk, x.tn, 5)
 
 
 @pytest.mark.slow

@@ -7,10 +7,11 @@ import json
 import pytest
 import torch
 
-from test_driver_support import one_thread, tiny_llama  # noqa: F401  (one_thread: a fixture)
+import heterospec as hs
+from heterospec import calibrate as cal
+from heterospec.testing import tiny_llama
 
-import heterospec as hs  # noqa: E402
-from heterospec import calibrate as cal  # noqa: E402
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB = 32
 

@@ -7,7 +7,6 @@ import, so a case that tried to load a model would end in a traceback and fail. 
 cases load a tiny local model (and one the real SmolLM2 GGUF); Ctrl-C exits 130 with one line.
 """
 import json
-import os
 import selectors
 import signal
 import time
@@ -15,11 +14,11 @@ import time
 import pytest
 import torch
 
-from test_driver_support import one_thread, tiny_llama  # noqa: F401
-from test_driver_tiny import _cli
+import heterospec as hs
+from heterospec.prompts import load_prompts
+from heterospec.testing import run_cli, tiny_llama
 
-import heterospec as hs  # noqa: E402
-from heterospec.prompts import load_prompts  # noqa: E402
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 ARG_TIMEOUT = 120  # seconds per argument-error case (each answers in well under 5 s)
 
@@ -192,22 +191,76 @@ def assert_one_line_error(proc, needle, only_line=True):
 @pytest.mark.parametrize("argv,needle", [pytest.param(a, n, id=i) for i, a, n in ARGUMENT_CASES])
 def test_bad_arguments_fail_in_one_line_before_any_model_loads(files, argv, needle):
     argv = [a.format(**files) for a in argv]
-    proc = _cli(*argv, timeout=ARG_TIMEOUT, path_first=[files["no_model"]])
+    proc = run_cli(*argv, timeout=ARG_TIMEOUT, path_first=[files["no_model"]])
     assert_one_line_error(proc, needle)
 
 
 def test_the_no_model_guard_catches_a_model_load(files):
     """The guard of the cases above works: a valid command does try to import transformers and
     so fails there (exit 1, a traceback naming the guard)."""
-    proc = _cli("generate", "--prompt", "Hi", "--max-new-tokens", "1", timeout=ARG_TIMEOUT,
-                path_first=[files["no_model"]])
+    proc = run_cli("generate", "--prompt", "Hi", "--max-new-tokens", "1", timeout=ARG_TIMEOUT,
+                   path_first=[files["no_model"]])
     assert proc.returncode == 1 and "this case tried to load a model" in proc.stderr, \
         proc.stderr[-3000:]
 
 
 def test_help_exits_0():
-    proc = _cli("generate", "--help", timeout=ARG_TIMEOUT)
+    proc = run_cli("generate", "--help", timeout=ARG_TIMEOUT)
     assert proc.returncode == 0 and "--truncate-prompt" in proc.stdout, proc.stderr
+
+
+# ----------------------------------------------------------------------------- the driver extra
+
+
+def _without_distributions(monkeypatch, *missing):
+    """Makes ``importlib.metadata`` report the ``missing`` distributions as not installed, as
+    after a kernels-only ``pip install heterospec``."""
+    import importlib.metadata
+
+    real = importlib.metadata.distribution
+
+    def distribution(name):
+        if name in missing:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return real(name)
+
+    monkeypatch.setattr(importlib.metadata, "distribution", distribution)
+
+
+def test_the_driver_extra_is_installed_here():
+    from heterospec.driver_extra import driver_distributions, missing_extra_message
+
+    assert {"transformers", "accelerate", "gguf"} <= set(driver_distributions())
+    assert missing_extra_message() is None
+
+
+@pytest.mark.parametrize("argv", [
+    pytest.param(["generate", "--prompt", "hi"], id="generate"),
+    pytest.param(["bench", "--prompts-per-set", "1"], id="bench"),
+    pytest.param(["calibrate", "--prompts", "2", "--out", "p.json"], id="calibrate"),
+    pytest.param(["train-draft", "--out", "head"], id="train-draft"),
+])
+def test_without_the_driver_extra_the_command_names_it(monkeypatch, capsys, argv):
+    """Without the driver's dependencies every command ends in one line that names the missing
+    distributions and the extra to install, before anything imports them."""
+    from heterospec import cli
+
+    _without_distributions(monkeypatch, "accelerate", "gguf")
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("heterospec: error: "), lines[0]
+    assert "gguf, accelerate missing" in lines[0], lines[0]
+    assert "pip install \"heterospec[driver]\"" in lines[0], lines[0]
+
+
+def test_help_needs_no_driver_extra(monkeypatch, capsys):
+    from heterospec import cli
+
+    _without_distributions(monkeypatch, "transformers")
+    assert cli.main(["generate", "--help"]) == 0
+    assert "--truncate-prompt" in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- prompt loaders
@@ -222,11 +275,8 @@ def test_prompt_loaders_terminate_on_zero_and_reject_bad_counts():
     import subprocess
     import sys
 
-    from test_driver_support import REPO_ROOT
-
-    env = dict(os.environ, PYTHONPATH=os.path.join(REPO_ROOT, "python"))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60, env=env)
+                          timeout=60)
     assert proc.returncode == 0 and proc.stdout.split() == ["[0,", "0,", "0,", "0]", "2"], \
         proc.stdout + proc.stderr[-2000:]
     with pytest.raises(hs.DataError, match="unknown prompt set"):
@@ -300,24 +350,24 @@ def test_context_length_is_checked_after_loading(files, tiny_model_dir, argv, ne
     argv = [a.format(**files) for a in argv] + ["--model", tiny_model_dir, "--threads", "1"]
     if argv[0] != "train-draft":
         argv += TREE
-    proc = _cli(*argv, timeout=300)
+    proc = run_cli(*argv, timeout=300)
     assert_one_line_error(proc, needle, only_line=False)
 
 
 def test_truncate_prompt_left_keeps_the_last_tokens_that_fit(tiny_model_dir):
     words = _words(100)
-    proc = _cli("generate", "--model", tiny_model_dir, "--prompt", words, "--max-new-tokens", "4",
-                "--truncate-prompt", "left", "--json", "--no-eos", "--threads", "1", *TREE,
-                timeout=300)
+    proc = run_cli("generate", "--model", tiny_model_dir, "--prompt", words, "--max-new-tokens",
+                   "4", "--truncate-prompt", "left", "--json", "--no-eos", "--threads", "1", *TREE,
+                   timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout)
     room = CONTEXT - 4 - 5
     assert out["prompt_tokens"] == room and len(out["token_ids"]) == 4
     assert f"kept the prompt's last {room} of 100 tokens" in proc.stderr
     # the same as giving only those last tokens
-    same = _cli("generate", "--model", tiny_model_dir, "--prompt", " ".join(words.split()[-room:]),
-                "--max-new-tokens", "4", "--json", "--no-eos", "--threads", "1", *TREE,
-                timeout=300)
+    same = run_cli("generate", "--model", tiny_model_dir, "--prompt",
+                   " ".join(words.split()[-room:]), "--max-new-tokens", "4", "--json",
+                   "--no-eos", "--threads", "1", *TREE, timeout=300)
     assert same.returncode == 0 and json.loads(same.stdout)["token_ids"] == out["token_ids"]
 
 
@@ -353,8 +403,8 @@ def test_context_length_of_configs():
 def test_real_model_rejects_a_prompt_longer_than_its_8k_context():
     """Issue 16's case: ~10k tokens with --max-new-tokens 4 on SmolLM2-135M (8192 positions,
     read from the GGUF's config) ends in one line instead of minutes at 6-8 GB."""
-    proc = _cli("generate", "--prompt", "hello world " * 5000, "--max-new-tokens", "4",
-                "--threads", "1", timeout=600)
+    proc = run_cli("generate", "--prompt", "hello world " * 5000, "--max-new-tokens", "4",
+                   "--threads", "1", timeout=600)
     line = assert_one_line_error(proc, "exceed the 8192-token context", only_line=False)
     assert "--truncate-prompt left" in line and "(10001 tokens)" in line
 
@@ -393,8 +443,8 @@ def test_long_inputs_run_in_chunks_with_the_same_result():
 def test_ctrl_c_exits_130_in_one_line(tmp_path):
     """SIGINT while tokens stream: exit 130 within seconds, one line, no traceback."""
     model_dir = _save_tiny_model(tmp_path / "long_ctx", 1 << 20)
-    proc = _cli("generate", "--model", model_dir, "--prompt", "w5 w9 w30", "--max-new-tokens",
-                "500000", "--no-eos", "--threads", "1", *TREE, popen=True)
+    proc = run_cli("generate", "--model", model_dir, "--prompt", "w5 w9 w30", "--max-new-tokens",
+                   "500000", "--no-eos", "--threads", "1", *TREE, popen=True)
     try:
         sel = selectors.DefaultSelector()
         sel.register(proc.stdout, selectors.EVENT_READ)

@@ -2,15 +2,15 @@
 import pytest
 import torch
 
-from pipeline import cycle, make_inputs
+from heterospec_ext.testing import cycle_inputs, run_cycle
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_cycle_compiles_fullgraph_and_matches_eager(device, backend):
     torch._dynamo.reset()
-    inputs = make_inputs(device)
-    eager = cycle(**inputs)
-    compiled = torch.compile(cycle, fullgraph=True, backend=backend)(**inputs)
+    inputs = cycle_inputs(device)
+    eager = run_cycle(**inputs)
+    compiled = torch.compile(run_cycle, fullgraph=True, backend=backend)(**inputs)
     assert len(eager) == len(compiled)
     for a, b in zip(eager, compiled):
         assert a.dtype == b.dtype and a.shape == b.shape

@@ -5,23 +5,13 @@ script's ``-k cuda`` selects it."""
 import pytest
 import torch
 
-from test_driver_support import tiny_llama
-
-import heterospec as hs  # noqa: E402
+import heterospec as hs
+from heterospec.testing import greedy_by_full_forwards, tiny_llama
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 VOCAB = 64
 DEV = torch.device("cuda")
-
-
-def reference_greedy(lm, prompt, n):
-    seq = list(prompt)
-    for _ in range(n):
-        with torch.no_grad():
-            logits = lm.model(input_ids=torch.tensor([seq], device=DEV)).logits[0, -1]
-        seq.append(int(torch.argmax(logits)))
-    return seq[len(prompt):]
 
 
 def cuda_lm(seed, layers=2, name="tiny"):
@@ -77,7 +67,7 @@ def test_cuda_graphs_greedy_equals_autoregressive(policy):
     gen = hs.SpeculativeGenerator(target, hs.ModelDrafter(draft, top_k=policy.top_k), policy,
                                   cuda_graphs=True, max_len=128)
     for prompt in ([5], [3, 9, 27, 4, 4, 11, 2]):
-        want = reference_greedy(target, prompt, 24)
+        want = greedy_by_full_forwards(target, prompt, 24)
         assert hs.autoregressive_generate(target, prompt, 24).token_ids == want
         res = gen.generate(prompt, 24)
         assert res.token_ids == want
@@ -102,7 +92,7 @@ def test_cuda_graphs_with_eagle3_and_high_acceptance():
     gen = hs.SpeculativeGenerator(target, hs.ModelDrafter(target, top_k=2), policy,
                                   cuda_graphs=True, max_len=96)
     res = gen.generate([4, 5, 6], 30)
-    assert res.token_ids == reference_greedy(target, [4, 5, 6], 30)
+    assert res.token_ids == greedy_by_full_forwards(target, [4, 5, 6], 30)
     assert res.stats.tau > 2.0
 
     from transformers import LlamaConfig
@@ -118,4 +108,4 @@ def test_cuda_graphs_with_eagle3_and_high_acceptance():
         gen = hs.SpeculativeGenerator(target, drafter, policy, static_cache=True,
                                       cuda_graphs=graphs, max_len=96)
         eager_out.append(gen.generate([3, 9, 27, 4], 20).token_ids)
-    assert eager_out[0] == eager_out[1] == reference_greedy(target, [3, 9, 27, 4], 20)
+    assert eager_out[0] == eager_out[1] == greedy_by_full_forwards(target, [3, 9, 27, 4], 20)

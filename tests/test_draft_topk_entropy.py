@@ -1,6 +1,7 @@
 """draft_topk_entropy against the float64 reference, edge cases, the _out op, opcheck, errors."""
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -9,9 +10,7 @@ import torch
 
 import heterospec_ext as hx
 from heterospec_ext import reference
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import REPO_ROOT, run_error_cases  # noqa: E402  (tests/ is not a package)
+from heterospec_ext.testing import assert_topk_matches, raises_exactly
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 NAMES = ("topk_logprobs", "topk_ids", "topk_entropy", "entropy", "logsumexp")
@@ -20,21 +19,6 @@ NAMES = ("topk_logprobs", "topk_ids", "topk_entropy", "entropy", "logsumexp")
 def _random_logits(n, v, dtype, device, scale=4.0, seed=0):
     gen = torch.Generator().manual_seed(seed)
     return (torch.randn(n, v, generator=gen) * scale).to(dtype).to(device)
-
-
-def _assert_matches(out, expected, *, check_ids=True):
-    """Compare op outputs with the reference: exact ids, float32-level values."""
-    got = [t.cpu() for t in out]
-    exp = [t.cpu() for t in expected]
-    assert got[0].dtype == torch.float32 and got[1].dtype == torch.int64
-    assert all(t.dtype == torch.float32 for t in got[2:])
-    if check_ids:
-        assert torch.equal(got[1], exp[1]), "topk_ids differ from the reference"
-    # Log-probs are O(10): float32 sums over up to 2^18 terms give ~1e-6 relative error.
-    torch.testing.assert_close(got[0], exp[0], rtol=1e-5, atol=5e-5)
-    torch.testing.assert_close(got[2], exp[2], rtol=1e-5, atol=5e-5)
-    torch.testing.assert_close(got[3], exp[3], rtol=1e-5, atol=5e-5)
-    torch.testing.assert_close(got[4], exp[4], rtol=1e-6, atol=5e-5)
 
 
 # Shapes with small V for big N; every shape is checked for every dtype, k and temperature.
@@ -50,7 +34,7 @@ def test_matches_reference(device, dtype, shape, k, temperature):
     assert isinstance(out, hx.DraftTopK)
     assert out.topk_logprobs.shape == (shape[0], k) and out.topk_ids.shape == (shape[0], k)
     assert all(t.device == logits.device for t in out)
-    _assert_matches(out, reference.draft_topk_entropy(logits, k, temperature))
+    assert_topk_matches(out, reference.draft_topk_entropy(logits, k, temperature))
 
 
 def test_outputs_are_consistent(device):
@@ -73,7 +57,7 @@ def test_outputs_are_consistent(device):
 def test_k_equals_vocab(device, dtype, v):
     logits = _random_logits(5, v, dtype, device, seed=v)
     out = hx.draft_topk_entropy(logits, v, 1.0)
-    _assert_matches(out, reference.draft_topk_entropy(logits, v, 1.0))
+    assert_topk_matches(out, reference.draft_topk_entropy(logits, v, 1.0))
     # With k == V the top-k distribution is the full one.
     torch.testing.assert_close(out.topk_entropy, out.entropy, rtol=1e-5, atol=1e-6)
     assert torch.equal(out.topk_ids.sort(dim=1).values.cpu(), torch.arange(v).expand(5, v))
@@ -96,7 +80,7 @@ def test_neg_inf_entries(device, dtype):
     logits[2] = float("-inf")
     logits[2, v - 1] = 1.0
     out = hx.draft_topk_entropy(logits, k, 1.0)
-    _assert_matches(out, reference.draft_topk_entropy(logits, k, 1.0))
+    assert_topk_matches(out, reference.draft_topk_entropy(logits, k, 1.0))
     assert out.topk_ids[0].tolist() == [5, 1000, 2999, 0, 1, 2, 3, 4, 6, 7]
     assert torch.isneginf(out.topk_logprobs[0, 3:]).all()
     assert out.entropy[1].item() == 0.0 and out.topk_entropy[1].item() == 0.0
@@ -119,7 +103,7 @@ def test_huge_logits(device, dtype, offset):
     logits = logits.to(device)
     for temperature in (0.5, 1.0):
         out = hx.draft_topk_entropy(logits, k, temperature)
-        _assert_matches(out, reference.draft_topk_entropy(logits, k, temperature))
+        assert_topk_matches(out, reference.draft_topk_entropy(logits, k, temperature))
         assert torch.isfinite(out.logsumexp).all() and torch.isfinite(out.entropy).all()
 
 
@@ -150,7 +134,7 @@ def test_exact_ties_go_to_lowest_id(device, dtype):
     logits = logits.to(device)
     for k in (1, 10, 64):
         out = hx.draft_topk_entropy(logits, k, 1.0)
-        _assert_matches(out, reference.draft_topk_entropy(logits, k, 1.0))
+        assert_topk_matches(out, reference.draft_topk_entropy(logits, k, 1.0))
         assert out.topk_ids[0].tolist() == list(range(k))
         assert out.entropy[0].item() == pytest.approx(math.log(v), rel=1e-6)
         assert out.topk_entropy[0].item() == pytest.approx(math.log(k), abs=1e-6)
@@ -166,7 +150,7 @@ def test_ties_across_split_boundaries(device):
     logits[1, 7] = 8.0
     logits = logits.to(device)
     out = hx.draft_topk_entropy(logits, 8, 1.0)
-    _assert_matches(out, reference.draft_topk_entropy(logits, 8, 1.0))
+    assert_topk_matches(out, reference.draft_topk_entropy(logits, 8, 1.0))
     assert out.topk_ids[0, :6].tolist() == sorted(hot)
     assert out.topk_ids[1, :7].tolist() == [7] + sorted(hot)
 
@@ -186,7 +170,7 @@ def test_strided_logits(device, dtype, layout):
         logits = _random_logits(n, v + 1, dtype, device, seed=4)[:, 1:]
     assert not logits.is_contiguous()
     out = hx.draft_topk_entropy(logits, k, 0.5)
-    _assert_matches(out, reference.draft_topk_entropy(logits, k, 0.5))
+    assert_topk_matches(out, reference.draft_topk_entropy(logits, k, 0.5))
     dense = hx.draft_topk_entropy(logits.contiguous(), k, 0.5)
     assert torch.equal(out.topk_ids, dense.topk_ids)
     for a, b in zip(out, dense):
@@ -197,7 +181,7 @@ def test_large_vocab_many_rows(device):
     """Several long rows at once: B=2 x 64 nodes at V=128256 (bf16)."""
     logits = _random_logits(16, 128256, torch.bfloat16, device, seed=8)
     out = hx.draft_topk_entropy(logits, 10, 1.0)
-    _assert_matches(out, reference.draft_topk_entropy(logits, 10, 1.0))
+    assert_topk_matches(out, reference.draft_topk_entropy(logits, 10, 1.0))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -215,7 +199,7 @@ def test_out_variant(device, dtype):
     expected = hx.draft_topk_entropy(logits, k, 2.0)
     for got, exp in zip(outs, expected):
         assert torch.equal(got, exp)
-    _assert_matches(outs, reference.draft_topk_entropy(logits, k, 2.0))
+    assert_topk_matches(outs, reference.draft_topk_entropy(logits, k, 2.0))
 
 
 def test_deterministic(device):
@@ -275,63 +259,83 @@ def test_invalid_rows_give_sentinels_on_cuda(device):
         torch.testing.assert_close(a[:1], b, rtol=1e-5, atol=1e-5)
 
 
-def test_bad_inputs(device):
-    ok = "x = torch.randn(3, 50, device=device)\n"
-    cases = [
-        ("rank1", "hx.draft_topk_entropy(torch.randn(50, device=device), 5)"),
-        ("rank3", "hx.draft_topk_entropy(torch.randn(2, 3, 50, device=device), 5)"),
-        ("int_dtype",
-         "hx.draft_topk_entropy(torch.ones(3, 50, dtype=torch.int32, device=device), 5)"),
-        ("float64",
-         "hx.draft_topk_entropy(torch.randn(3, 50, dtype=torch.float64, device=device), 5)"),
-        ("k0", ok + "hx.draft_topk_entropy(x, 0)"),
-        ("k_gt_v", ok + "hx.draft_topk_entropy(x, 51)"),
-        ("k_gt_64", "hx.draft_topk_entropy(torch.randn(3, 500, device=device), 65)"),
-        ("temp0", ok + "hx.draft_topk_entropy(x, 5, 0.0)"),
-        ("temp_neg", ok + "hx.draft_topk_entropy(x, 5, -1.0)"),
-        ("temp_nan", ok + "hx.draft_topk_entropy(x, 5, float('nan'))"),
-        # finite as a double, inf as float32: the message must show the digits that matter
-        ("temp_float32_overflow", ok + "hx.draft_topk_entropy(x, 5, 3.4028236e38)"),
-        ("nan_row", ok + "x[1, 7] = float('nan')\nhx.draft_topk_entropy(x, 5)"),
-        ("inf_row", ok + "x[2, 0] = float('inf')\nhx.draft_topk_entropy(x, 5)"),
-        ("all_neg_inf_row", ok + "x[1] = float('-inf')\nhx.draft_topk_entropy(x, 5)"),
-        ("out_bad_shape", ok + "o = [torch.empty(3, 4, device=device), "
-         "torch.empty(3, 5, dtype=torch.int64, device=device)] + "
-         "[torch.empty(3, device=device) for _ in range(3)]\n"
-         "hx.draft_topk_entropy_out(x, 5, 1.0, *o)"),
-        ("out_bad_dtype", ok + "o = [torch.empty(3, 5, device=device), "
-         "torch.empty(3, 5, dtype=torch.int32, device=device)] + "
-         "[torch.empty(3, device=device) for _ in range(3)]\n"
-         "hx.draft_topk_entropy_out(x, 5, 1.0, *o)"),
-        ("out_noncontiguous", ok + "o = [torch.empty(5, 3, device=device).t(), "
-         "torch.empty(3, 5, dtype=torch.int64, device=device)] + "
-         "[torch.empty(3, device=device) for _ in range(3)]\n"
-         "hx.draft_topk_entropy_out(x, 5, 1.0, *o)"),
-    ]
-    results = run_error_cases(cases, device)
-    expect = {
-        "rank1": ("RuntimeError", "logits"), "rank3": ("RuntimeError", "logits"),
-        "int_dtype": ("RuntimeError", "logits"), "float64": ("RuntimeError", "logits"),
-        "k0": ("ValueError", "k"), "k_gt_v": ("ValueError", "k"), "k_gt_64": ("ValueError", "k"),
-        "temp0": ("ValueError", "temperature"), "temp_neg": ("ValueError", "temperature"),
-        "temp_nan": ("ValueError", "temperature"),
-        "temp_float32_overflow": ("ValueError", "got 3.4028236e+38"),
-        "out_bad_shape": ("RuntimeError", "topk_logprobs"),
-        "out_bad_dtype": ("RuntimeError", "topk_ids"),
-        "out_noncontiguous": ("RuntimeError", "topk_logprobs"),
-    }
-    data_rows = {"nan_row": 1, "inf_row": 2, "all_neg_inf_row": 1}
-    for name, (err, arg) in expect.items():
-        got_err, msg = results[name]
-        assert got_err == err, f"{name}: expected {err}, got {got_err}: {msg}"
-        assert arg in msg, f"{name}: message does not name {arg!r}: {msg}"
-    for name, row in data_rows.items():
-        got_err, msg = results[name]
-        if device.type == "cuda":
-            assert got_err is None, f"{name}: CUDA must not raise, got {got_err}: {msg}"
-        else:
-            assert got_err == "ValueError", f"{name}: expected ValueError, got {got_err}: {msg}"
-            assert "logits" in msg and f"row {row}" in msg, f"{name}: {msg}"
+def _outputs(rows, k, device, **changes):
+    """Valid draft_topk_entropy_out buffers for ``rows`` x ``k``, with ``changes`` by name."""
+    f32, i64 = dict(device=device), dict(dtype=torch.int64, device=device)
+    outs = {"topk_logprobs": torch.empty(rows, k, **f32), "topk_ids": torch.empty(rows, k, **i64),
+            "topk_entropy": torch.empty(rows, **f32), "entropy": torch.empty(rows, **f32),
+            "logsumexp": torch.empty(rows, **f32)}
+    outs.update({name: make(device) for name, make in changes.items()})
+    return list(outs.values())
+
+
+def _call_out(device, **changes):
+    x = torch.randn(3, 50, device=device)
+    hx.draft_topk_entropy_out(x, 5, 1.0, *_outputs(3, 5, device, **changes))
+
+
+# name -> (call on a device, exception, text the message must hold)
+ARGUMENT_ERRORS = {
+    "rank1": (lambda d: hx.draft_topk_entropy(torch.randn(50, device=d), 5),
+              RuntimeError, "logits"),
+    "rank3": (lambda d: hx.draft_topk_entropy(torch.randn(2, 3, 50, device=d), 5),
+              RuntimeError, "logits"),
+    "int_dtype": (lambda d: hx.draft_topk_entropy(torch.ones(3, 50, dtype=torch.int32, device=d),
+                                                  5), RuntimeError, "logits"),
+    "float64": (lambda d: hx.draft_topk_entropy(torch.randn(3, 50, dtype=torch.float64, device=d),
+                                                5), RuntimeError, "logits"),
+    "k0": (lambda d: hx.draft_topk_entropy(torch.randn(3, 50, device=d), 0), ValueError, "k"),
+    "k_gt_v": (lambda d: hx.draft_topk_entropy(torch.randn(3, 50, device=d), 51), ValueError,
+               "k"),
+    "k_gt_64": (lambda d: hx.draft_topk_entropy(torch.randn(3, 500, device=d), 65), ValueError,
+                "k"),
+    "temp0": (lambda d: hx.draft_topk_entropy(torch.randn(3, 50, device=d), 5, 0.0), ValueError,
+              "temperature"),
+    "temp_neg": (lambda d: hx.draft_topk_entropy(torch.randn(3, 50, device=d), 5, -1.0),
+                 ValueError, "temperature"),
+    "temp_nan": (lambda d: hx.draft_topk_entropy(torch.randn(3, 50, device=d), 5, float("nan")),
+                 ValueError, "temperature"),
+    # finite as a double, inf as float32: the message must show the digits that matter
+    "temp_float32_overflow": (
+        lambda d: hx.draft_topk_entropy(torch.randn(3, 50, device=d), 5, 3.4028236e38),
+        ValueError, "got 3.4028236e+38"),
+    "out_bad_shape": (lambda d: _call_out(d, topk_logprobs=lambda d: torch.empty(3, 4, device=d)),
+                      RuntimeError, "topk_logprobs"),
+    "out_bad_dtype": (lambda d: _call_out(d, topk_ids=lambda d: torch.empty(
+        3, 5, dtype=torch.int32, device=d)), RuntimeError, "topk_ids"),
+    "out_noncontiguous": (lambda d: _call_out(d, topk_logprobs=lambda d: torch.empty(
+        5, 3, device=d).t()), RuntimeError, "topk_logprobs"),
+}
+
+
+@pytest.mark.parametrize("case", ARGUMENT_ERRORS)
+def test_argument_errors(device, case):
+    call, exc, needle = ARGUMENT_ERRORS[case]
+    with raises_exactly(exc, re.escape(needle)):
+        call(device)
+
+
+# name -> (spoils row `row` of x, row)
+INVALID_ROWS = {
+    "nan_row": (lambda x: x[1].index_fill_(0, torch.tensor([7], device=x.device), float("nan")),
+                1),
+    "inf_row": (lambda x: x[2].index_fill_(0, torch.tensor([0], device=x.device), float("inf")),
+                2),
+    "all_neg_inf_row": (lambda x: x[1].fill_(float("-inf")), 1),
+}
+
+
+@pytest.mark.parametrize("case", INVALID_ROWS)
+def test_invalid_rows_raise_on_cpu_and_do_not_raise_on_cuda(device, case):
+    spoil, row = INVALID_ROWS[case]
+    x = torch.randn(3, 50, device=device)
+    spoil(x)
+    if device.type == "cuda":  # NaN / -1 outputs instead: test_invalid_rows_give_sentinels_on_cuda
+        hx.draft_topk_entropy(x, 5)
+        torch.cuda.synchronize()
+        return
+    with raises_exactly(ValueError, rf"^logits row {row} is invalid"):
+        hx.draft_topk_entropy(x, 5)
 
 
 def test_portable_cpu_path_matches():
@@ -352,7 +356,6 @@ def test_portable_cpu_path_matches():
         "print('portable ok')\n"
     )
     env = dict(os.environ, HETEROSPEC_CPU_PORTABLE="1")
-    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]

@@ -3,89 +3,20 @@ head computation against an independent reference, tree expansion, exact greedy 
 draft KV cache after compaction."""
 import json
 import math
-import os
 
 import pytest
 import torch
 
-from test_driver_support import assert_cache_matches_fresh, one_thread, tiny_llama  # noqa: F401
+import heterospec as hs
+from heterospec.eagle3 import Eagle3Drafter
+from heterospec.testing import (assert_cache_matches_fresh, greedy_by_full_forwards,
+                                official_eagle3_config, random_eagle3_state, save_eagle3_head,
+                                tiny_llama)
 
-import heterospec as hs  # noqa: E402
-from heterospec.eagle3 import Eagle3Drafter  # noqa: E402
+pytestmark = pytest.mark.usefixtures("one_thread")
 
+# The defaults of official_eagle3_config: target vocabulary, hidden size, draft vocabulary.
 VOCAB, HIDDEN, LAYERS, DRAFT_VOCAB = 64, 32, 8, 48
-
-# The official parameter names and shapes (SafeAILab/EAGLE eagle/model/cnets.py, EAGLE-3 Model:
-# fc, midlayer = LlamaDecoderLayeremb, norm, lm_head, d2t/t2d buffers), written out here rather
-# than taken from the module under test.
-def official_shapes(h, inter, heads, kv_heads, vd, target_h=None):
-    hd = h // heads
-    th = target_h or h
-    return {
-        "fc.weight": (h, 3 * th),
-        "midlayer.hidden_norm.weight": (h,),
-        "midlayer.input_layernorm.weight": (h,),
-        "midlayer.post_attention_layernorm.weight": (h,),
-        "midlayer.self_attn.q_proj.weight": (heads * hd, 2 * h),
-        "midlayer.self_attn.k_proj.weight": (kv_heads * hd, 2 * h),
-        "midlayer.self_attn.v_proj.weight": (kv_heads * hd, 2 * h),
-        "midlayer.self_attn.o_proj.weight": (h, heads * hd),
-        "midlayer.mlp.gate_proj.weight": (inter, h),
-        "midlayer.mlp.up_proj.weight": (inter, h),
-        "midlayer.mlp.down_proj.weight": (h, inter),
-        "norm.weight": (h,),
-        "lm_head.weight": (vd, h),
-    }
-
-
-def eagle3_config(h=HIDDEN, inter=2 * HIDDEN, heads=4, kv_heads=2, vocab=VOCAB, vd=DRAFT_VOCAB,
-                  **extra):
-    """config.json as the official EAGLE-3 checkpoints write it (LlamaForCausalLMEagle3)."""
-    cfg = {"architectures": ["LlamaForCausalLMEagle3"], "bos_token_id": 0, "eos_token_id": 1,
-           "hidden_act": "silu", "hidden_size": h, "initializer_range": 0.02,
-           "intermediate_size": inter, "max_position_embeddings": 2048, "model_type": "llama",
-           "num_attention_heads": heads, "num_hidden_layers": 1, "num_key_value_heads": kv_heads,
-           "pretraining_tp": 1, "rms_norm_eps": 1e-05, "rope_scaling": None,
-           "rope_theta": 10000.0, "tie_word_embeddings": False, "torch_dtype": "float32",
-           "use_cache": True, "vocab_size": vocab, "draft_vocab_size": vd}
-    cfg.update(extra)
-    return cfg
-
-
-def random_state(cfg, seed=0, draft_ids=None):
-    g = torch.Generator().manual_seed(seed)
-    state = {}
-    for name, shape in official_shapes(cfg["hidden_size"], cfg["intermediate_size"],
-                                       cfg["num_attention_heads"], cfg["num_key_value_heads"],
-                                       cfg["draft_vocab_size"]).items():
-        if name.endswith("norm.weight"):
-            state[name] = 1.0 + 0.1 * torch.randn(shape, generator=g)
-        else:
-            state[name] = torch.randn(shape, generator=g) / math.sqrt(shape[-1])
-    vd, v = cfg["draft_vocab_size"], cfg["vocab_size"]
-    if draft_ids is None:
-        draft_ids = torch.randperm(v, generator=g)[:vd]
-    draft_ids = torch.as_tensor(draft_ids).sort().values
-    state["d2t"] = draft_ids - torch.arange(vd)  # target id = draft id + d2t[draft id]
-    t2d = torch.zeros(v, dtype=torch.bool)
-    t2d[draft_ids] = True
-    state["t2d"] = t2d
-    return state
-
-
-def save_head(path, cfg, state, fmt="safetensors"):
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(cfg, f)
-    if fmt == "safetensors":
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in state.items()},
-                  os.path.join(path, "model.safetensors"))
-    else:
-        torch.save(state, os.path.join(path, "pytorch_model.bin"))
-    return str(path)
-
 
 @pytest.fixture(scope="module")
 def target():
@@ -95,9 +26,9 @@ def target():
 
 @pytest.fixture(scope="module")
 def random_head_dir(tmp_path_factory):
-    cfg = eagle3_config()
-    state = random_state(cfg, seed=3)
-    return save_head(tmp_path_factory.mktemp("eagle3_random"), cfg, state), cfg, state
+    cfg = official_eagle3_config()
+    state = random_eagle3_state(cfg, seed=3)
+    return save_eagle3_head(tmp_path_factory.mktemp("eagle3_random"), cfg, state), cfg, state
 
 
 # ----------------------------------------------------------------------------- bigram oracle
@@ -122,8 +53,8 @@ def oracle():
     succ = sorted(set(bigram.tolist()))
     rest = [t for t in range(VOCAB) if t not in succ][:DRAFT_VOCAB - len(succ)]
     draft_ids = torch.tensor(sorted(succ + rest))
-    cfg = eagle3_config(kv_heads=4)
-    state = random_state(cfg, seed=5, draft_ids=draft_ids)
+    cfg = official_eagle3_config(kv_heads=4)
+    state = random_eagle3_state(cfg, seed=5, draft_ids=draft_ids)
     h, scale = HIDDEN, 3.0
     eye = torch.eye(h)
     zero = torch.zeros(h, h)
@@ -143,15 +74,6 @@ def oracle():
 
 
 # ----------------------------------------------------------------------------- reference
-
-
-def reference_greedy(lm, prompt, n):
-    seq = list(prompt)
-    for _ in range(n):
-        with torch.no_grad():
-            logits = lm.model(input_ids=torch.tensor([seq])).logits[0, -1]
-        seq.append(int(torch.argmax(logits)))
-    return seq[len(prompt):]
 
 
 def target_states(lm, tokens, layers):
@@ -221,9 +143,9 @@ def draft_cache_matches_reference(drafter, lm, state, cfg, committed, atol=1e-4)
 
 @pytest.mark.parametrize("fmt", ["safetensors", "bin"])
 def test_load_official_layout(target, tmp_path, fmt):
-    cfg = eagle3_config()
-    state = random_state(cfg, seed=7)
-    path = save_head(tmp_path / fmt, cfg, state, fmt)
+    cfg = official_eagle3_config()
+    state = random_eagle3_state(cfg, seed=7)
+    path = save_eagle3_head(tmp_path / fmt, cfg, state, fmt)
     drafter = Eagle3Drafter.from_pretrained(path, target, top_k=3)
     head = drafter.head
     sd = head.state_dict()
@@ -322,7 +244,7 @@ def test_greedy_lossless_random_head(target, random_head_dir, policy):
     drafter = Eagle3Drafter.from_pretrained(path, target, top_k=policy.top_k)
     gen = hs.SpeculativeGenerator(target, drafter, policy)
     for prompt in ([5], [3, 9, 27, 4, 4, 11, 2]):
-        want = reference_greedy(target, prompt, 16)
+        want = greedy_by_full_forwards(target, prompt, 16)
         res = gen.generate(prompt, 16)
         assert res.token_ids == want
         assert res.stats.draft_forwards >= res.stats.cycles
@@ -337,13 +259,13 @@ def test_greedy_lossless_random_head(target, random_head_dir, policy):
                          ids=["static", "heterospec"])
 def test_greedy_lossless_with_real_acceptance(oracle, policy, tmp_path):
     tgt, cfg, state = oracle
-    drafter = Eagle3Drafter.from_pretrained(save_head(tmp_path, cfg, state), tgt,
+    drafter = Eagle3Drafter.from_pretrained(save_eagle3_head(tmp_path, cfg, state), tgt,
                                             top_k=policy.top_k)
     gen = hs.SpeculativeGenerator(tgt, drafter, policy)
     cache_lengths = []
     gen.on_cycle = lambda info: cache_lengths.append((drafter.cache.length, info["accepted"]))
     prompt = [3, 9, 27, 4, 4, 11, 2]
-    want = reference_greedy(tgt, prompt, 40)
+    want = greedy_by_full_forwards(tgt, prompt, 40)
     res = gen.generate(prompt, 40)
     assert res.token_ids == want
     # the head predicts the bigram target: many tokens accepted per cycle
@@ -372,27 +294,28 @@ def _expect_error(path, target, *needles, exc=hs.DraftCheckpointError):
 
 
 def test_malformed_checkpoints(target, tmp_path):
-    cfg = eagle3_config()
-    good = random_state(cfg, seed=9)
+    cfg = official_eagle3_config()
+    good = random_eagle3_state(cfg, seed=9)
     missing = {k: v for k, v in good.items() if k != "midlayer.hidden_norm.weight"}
-    _expect_error(save_head(tmp_path / "missing", cfg, missing), target,
+    _expect_error(save_eagle3_head(tmp_path / "missing", cfg, missing), target,
                   "lacks tensor", "midlayer.hidden_norm.weight")
     wrong = dict(good)
     wrong["midlayer.self_attn.q_proj.weight"] = good["midlayer.self_attn.q_proj.weight"][:, :HIDDEN]
-    _expect_error(save_head(tmp_path / "shape", cfg, wrong), target,
+    _expect_error(save_eagle3_head(tmp_path / "shape", cfg, wrong), target,
                   "midlayer.self_attn.q_proj.weight", "[32, 32]", "[32, 64]")
     transposed = dict(good, **{"fc.weight": good["fc.weight"].T.contiguous()})
-    _expect_error(save_head(tmp_path / "fc", cfg, transposed), target, "'fc.weight'", "[96, 32]")
+    _expect_error(save_eagle3_head(tmp_path / "fc", cfg, transposed), target, "'fc.weight'",
+                  "[96, 32]")
     bad_d2t = dict(good, d2t=good["d2t"] + VOCAB)
-    _expect_error(save_head(tmp_path / "d2t", cfg, bad_d2t), target, "d2t", "outside")
+    _expect_error(save_eagle3_head(tmp_path / "d2t", cfg, bad_d2t), target, "d2t", "outside")
     no_d2t = {k: v for k, v in good.items() if k != "d2t"}
-    _expect_error(save_head(tmp_path / "nod2t", cfg, no_d2t), target, "lacks 'd2t'")
+    _expect_error(save_eagle3_head(tmp_path / "nod2t", cfg, no_d2t), target, "lacks 'd2t'")
     bad_cfg = tmp_path / "badcfg"
-    save_head(bad_cfg, cfg, good)
+    save_eagle3_head(bad_cfg, cfg, good)
     (bad_cfg / "config.json").write_text("{not json")
     _expect_error(str(bad_cfg), target, "not valid JSON")
     no_field = tmp_path / "nofield"
-    save_head(no_field, {k: v for k, v in cfg.items() if k != "hidden_size"}, good)
+    save_eagle3_head(no_field, {k: v for k, v in cfg.items() if k != "hidden_size"}, good)
     _expect_error(str(no_field), target, "hidden_size")
     _expect_error(str(tmp_path / "nowhere"), target, "does not exist", exc=hs.ModelLoadError)
     empty = tmp_path / "noweights"
@@ -407,26 +330,27 @@ def test_malformed_checkpoints(target, tmp_path):
 
 
 def test_head_for_another_target_is_rejected(target, tmp_path):
-    cfg = eagle3_config(h=48, inter=96)
-    _expect_error(save_head(tmp_path / "h48", cfg, random_state(cfg)), target,
+    cfg = official_eagle3_config(h=48, inter=96)
+    _expect_error(save_eagle3_head(tmp_path / "h48", cfg, random_eagle3_state(cfg)), target,
                   "hidden size 48", "32")
-    cfg = eagle3_config(vocab=VOCAB + 8)
-    _expect_error(save_head(tmp_path / "v72", cfg, random_state(cfg)), target,
+    cfg = official_eagle3_config(vocab=VOCAB + 8)
+    _expect_error(save_eagle3_head(tmp_path / "v72", cfg, random_eagle3_state(cfg)), target,
                   "vocab_size 72", "64")
 
 
 def test_capture_layers_for_shallow_targets(tmp_path):
     shallow = hs.CausalLM(tiny_llama(VOCAB, seed=6, layers=4, hidden=HIDDEN), name="4 layers")
-    cfg = eagle3_config()
-    path = save_head(tmp_path / "default", cfg, random_state(cfg))
+    cfg = official_eagle3_config()
+    path = save_eagle3_head(tmp_path / "default", cfg, random_eagle3_state(cfg))
     # (2, L//2, L-3) = (2, 2, 1) collapses to two layers, as in the official code
     _expect_error(path, shallow, "three distinct", "eagle_aux_hidden_state_layer_ids")
-    cfg = eagle3_config(eagle_config={"eagle_aux_hidden_state_layer_ids": [3, 0, 1]})
-    path = save_head(tmp_path / "override", cfg, random_state(cfg))
+    cfg = official_eagle3_config(eagle_config={"eagle_aux_hidden_state_layer_ids": [3, 0, 1]})
+    path = save_eagle3_head(tmp_path / "override", cfg, random_eagle3_state(cfg))
     drafter = Eagle3Drafter.from_pretrained(path, shallow, top_k=2)
     assert drafter.capture_layers == [0, 1, 3]
     gen = hs.SpeculativeGenerator(shallow, drafter, hs.StaticTree(depth=2, top_k=2, total_tokens=5))
-    assert gen.generate([4, 8, 15], 10).token_ids == reference_greedy(shallow, [4, 8, 15], 10)
+    want = greedy_by_full_forwards(shallow, [4, 8, 15], 10)
+    assert gen.generate([4, 8, 15], 10).token_ids == want
 
 
 def test_cli_generate_with_eagle3(tmp_path, capsys, random_head_dir):
@@ -452,7 +376,7 @@ def test_cli_generate_with_eagle3(tmp_path, capsys, random_head_dir):
     assert len(out["token_ids"]) == 8
     target = hs.CausalLM(tiny_llama(VOCAB, seed=1, layers=LAYERS, hidden=HIDDEN, logit_scale=30.0))
     ids = PreTrainedTokenizerFast.from_pretrained(model_dir)("w5 w9 w30")["input_ids"]
-    assert out["token_ids"] == reference_greedy(target, ids, 8)
+    assert out["token_ids"] == greedy_by_full_forwards(target, ids, 8)
     assert cli.main(base + ["--draft", f"eagle3:{tmp_path / 'missing'}"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err

@@ -9,11 +9,9 @@ import os
 import pytest
 import torch
 
-from test_driver_support import assert_cache_matches_fresh
-
-
-import heterospec as hs  # noqa: E402
-from heterospec.prompts import encode, load_prompts  # noqa: E402
+import heterospec as hs
+from heterospec.prompts import encode, load_prompts
+from heterospec.testing import assert_cache_matches_fresh
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 pytestmark = pytest.mark.slow
@@ -82,9 +80,10 @@ def test_fp32_self_draft_lossless(smollm):
 # The EAGLE-3 head trained with `heterospec train-draft` for SmolLM2 (python/heterospec/heads).
 
 EAGLE3_CONFIGS = [
-    ("static d3 k8 N6 (tuned)", lambda: hs.StaticTree(depth=3, top_k=8, total_tokens=6)),
+    ("static d3 k6 N16 (tuned)", lambda: hs.StaticTree(depth=3, top_k=6, total_tokens=16)),
     ("static d5 k8 N24", lambda: hs.StaticTree(depth=5, top_k=8, total_tokens=24)),
     ("heterospec shipped", lambda: hs.load_policy(hs.EAGLE3_POLICY_FILE)),
+    ("heterospec cost-aware shipped", lambda: hs.load_policy(hs.EAGLE3_COST_POLICY_FILE)),
     ("heterospec forced stratum 0",
      lambda: hs.HeteroSpec(depth=4, top_k=6, total_tokens=16, thresholds=[1e9] * 7)),
 ]
@@ -105,7 +104,7 @@ def test_shipped_eagle3_head_lossless(smollm, name, make):
         taus.append(res.stats.tau)
         assert_cache_matches_fresh(target, gen.cache, gen.committed, atol=2e-3)
     # the trained head really predicts the target: a random head's candidates are almost never
-    # accepted (tau ~1.0); the trained one measured tau 1.5-1.9 on these prompts
+    # accepted (tau ~1.0); the shipped one reaches tau ~2 with the tuned tree (bench/RESULTS.md)
     assert sum(taus) / len(taus) > 1.3, taus
 
 

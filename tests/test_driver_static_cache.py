@@ -3,13 +3,13 @@ graphs capture, checked against the dynamic-cache driver, a plain forward and by
 import pytest
 import torch
 
-from test_driver_support import one_thread, tiny_llama  # noqa: F401  (one_thread: a fixture)
-# the tiny target/draft pair and the cache-free greedy reference
-from test_driver_tiny import pair, reference_greedy  # noqa: F401  (fixtures)
+import heterospec as hs
+from heterospec.static_cache import StaticTreeCache
+from heterospec.target import tree_attention_mask
+from heterospec.testing import (greedy_by_full_forwards, official_eagle3_config,
+                                random_eagle3_state, run_cli, save_eagle3_head, tiny_llama)
 
-import heterospec as hs  # noqa: E402
-from heterospec.static_cache import StaticTreeCache  # noqa: E402
-from heterospec.target import tree_attention_mask  # noqa: E402
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def assert_static_cache_matches_fresh(lm, cache, committed, atol=1e-4):
@@ -33,43 +33,42 @@ POLICIES = [
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: str(p.describe()))
-def test_static_cache_greedy_equals_dynamic_path(pair, policy):
-    target, draft = pair
+def test_static_cache_greedy_equals_dynamic_path(tiny_pair, policy):
+    target, draft = tiny_pair
     dynamic = hs.SpeculativeGenerator(target, hs.ModelDrafter(draft, top_k=policy.top_k), policy)
     static = hs.SpeculativeGenerator(target, hs.ModelDrafter(draft, top_k=policy.top_k), policy,
                                      static_cache=True, max_len=96)
     for prompt in ([5], [3, 9, 27, 4, 4, 11, 2]):
         want = dynamic.generate(prompt, 24)
         got = static.generate(prompt, 24)
-        assert got.token_ids == want.token_ids == reference_greedy(target, prompt, 24)
+        assert got.token_ids == want.token_ids == greedy_by_full_forwards(target, prompt, 24)
         assert got.stats.cycles == want.stats.cycles
         assert got.stats.target_forwards == want.stats.target_forwards
         assert isinstance(static.cache, StaticTreeCache)
         assert_static_cache_matches_fresh(target, static.cache, static.committed)
 
 
-def test_static_cache_with_high_acceptance(pair):
+def test_static_cache_with_high_acceptance(tiny_pair):
     """Draft = target: most cycles accept several nodes, so compaction moves many rows."""
-    target, _ = pair
+    target, _ = tiny_pair
     policy = hs.StaticTree(depth=3, top_k=2, total_tokens=6)
     gen = hs.SpeculativeGenerator(target, hs.ModelDrafter(target, top_k=2), policy,
                                   static_cache=True, max_len=64)
     accepted = []
     gen.on_cycle = lambda c: accepted.append(c["accepted"])
     res = gen.generate([4, 5, 6], 30)
-    assert res.token_ids == reference_greedy(target, [4, 5, 6], 30)
+    assert res.token_ids == greedy_by_full_forwards(target, [4, 5, 6], 30)
     assert max(accepted) >= 3, accepted
     assert_static_cache_matches_fresh(target, gen.cache, gen.committed)
 
 
 def test_static_cache_with_eagle3_head(tmp_path):
     """EAGLE-3 reads the target's captured hidden rows after every static-cache forward."""
-    from test_driver_eagle3 import eagle3_config, random_state, save_head
 
     target = hs.CausalLM(tiny_llama(64, seed=1, layers=8, hidden=32, logit_scale=30.0),
                          name="tiny target")
-    cfg = eagle3_config()
-    path = save_head(tmp_path, cfg, random_state(cfg, seed=3))
+    cfg = official_eagle3_config()
+    path = save_eagle3_head(tmp_path, cfg, random_eagle3_state(cfg, seed=3))
     policy = hs.HeteroSpec(depth=3, top_k=3, total_tokens=10,
                            thresholds=[0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0])
     outs = []
@@ -77,12 +76,12 @@ def test_static_cache_with_eagle3_head(tmp_path):
         drafter = hs.Eagle3Drafter.from_pretrained(path, target, top_k=3)
         gen = hs.SpeculativeGenerator(target, drafter, policy, static_cache=static, max_len=64)
         outs.append(gen.generate([3, 9, 27, 4, 4, 11, 2], 16).token_ids)
-    assert outs[0] == outs[1] == reference_greedy(target, [3, 9, 27, 4, 4, 11, 2], 16)
+    assert outs[0] == outs[1] == greedy_by_full_forwards(target, [3, 9, 27, 4, 4, 11, 2], 16)
     assert_static_cache_matches_fresh(target, gen.cache, gen.committed)
 
 
-def test_tree_inputs_match_the_dynamic_mask(pair):
-    target, _ = pair
+def test_tree_inputs_match_the_dynamic_mask(tiny_pair):
+    target, _ = tiny_pair
     cache = StaticTreeCache(target, max_len=20)
     cache.prefill(torch.tensor([3, 4, 5, 6, 7]))
     # root, two children of the root, a grandchild under node 2
@@ -97,8 +96,8 @@ def test_tree_inputs_match_the_dynamic_mask(pair):
     assert (mask[..., 9:] == torch.finfo(target.dtype).min).all()
 
 
-def test_tree_forward_logits_equal_the_dynamic_tree_forward(pair):
-    target, _ = pair
+def test_tree_forward_logits_equal_the_dynamic_tree_forward(tiny_pair):
+    target, _ = tiny_pair
     prompt = torch.tensor([3, 9, 27, 4, 4])
     anc = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
     toks, depth = torch.tensor([2, 8, 13]), torch.tensor([0, 1, 1])
@@ -112,8 +111,8 @@ def test_tree_forward_logits_equal_the_dynamic_tree_forward(pair):
     assert cache.get_seq_length() == 5  # tree entries stay tentative until compact
 
 
-def test_compact_moves_accepted_rows_by_index(pair):
-    target, _ = pair
+def test_compact_moves_accepted_rows_by_index(tiny_pair):
+    target, _ = tiny_pair
     cache = StaticTreeCache(target, max_len=16)
     with torch.inference_mode():
         rows = torch.arange(16, dtype=cache.dtype)
@@ -128,8 +127,8 @@ def test_compact_moves_accepted_rows_by_index(pair):
     assert values[1][0, 1, :, 0].tolist() == [0, -1, -2, -3, -4, -6, -9]
 
 
-def test_static_cache_argument_errors(pair):
-    target, draft = pair
+def test_static_cache_argument_errors(tiny_pair):
+    target, draft = tiny_pair
     policy = hs.StaticTree(depth=2, top_k=2, total_tokens=6)
     gen = hs.SpeculativeGenerator(target, hs.ModelDrafter(draft, top_k=2), policy,
                                   static_cache=True, max_len=32)
@@ -152,9 +151,8 @@ def test_graph_tree_sizes_cover_the_policy():
 
 
 def test_cli_cuda_graphs_on_cpu_is_a_one_line_error():
-    from test_driver_tiny import _cli
 
-    proc = _cli("generate", "--prompt", "hi", "--device", "cpu", "--cuda-graphs")
+    proc = run_cli("generate", "--prompt", "hi", "--device", "cpu", "--cuda-graphs")
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "--cuda-graphs needs --device cuda" in lines[0], proc.stderr

@@ -2,36 +2,19 @@
 distribution (chi-square, with a planted bug it must catch), seeds and bad input."""
 import itertools
 import json
-import math
 
 import pytest
 import torch
 
-from test_driver_support import (FakeTokenizer, _processed_probs, assert_cache_matches_fresh,
-                                 one_thread, tiny_llama)  # noqa: F401  (one_thread: a fixture)
+import heterospec as hs
+import heterospec_ext as hx
+from heterospec.testing import (FakeTokenizer, IgnoresMask, NoPositions,
+                                assert_cache_matches_fresh, greedy_by_full_forwards,
+                                processed_probs, run_cli, tiny_llama)
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-import heterospec as hs  # noqa: E402
-import heterospec_ext as hx  # noqa: E402
-
-VOCAB = 32
-
-
-@pytest.fixture(scope="module")
-def pair():
-    target = hs.CausalLM(tiny_llama(VOCAB, seed=1, logit_scale=30.0), name="tiny target")
-    draft = hs.CausalLM(tiny_llama(VOCAB, seed=2, logit_scale=30.0), name="tiny draft")
-    return target, draft
-
-
-def reference_greedy(lm, prompt, n):
-    """Greedy decoding by full re-forwards, no cache: independent of every driver code path."""
-    seq = list(prompt)
-    for _ in range(n):
-        with torch.no_grad():
-            logits = lm.model(input_ids=torch.tensor([seq])).logits[0, -1]
-        seq.append(int(torch.argmax(logits)))
-    return seq[len(prompt):]
+VOCAB = 32  # the tiny_pair fixture's vocabulary
 
 
 POLICIES = [
@@ -45,12 +28,12 @@ POLICIES = [
 
 
 @pytest.mark.parametrize("policy", POLICIES, ids=lambda p: str(p.describe()))
-def test_greedy_lossless_and_caches(pair, policy):
-    target, draft = pair
+def test_greedy_lossless_and_caches(tiny_pair, policy):
+    target, draft = tiny_pair
     drafter = hs.ModelDrafter(draft, top_k=policy.top_k)
     gen = hs.SpeculativeGenerator(target, drafter, policy)
     for prompt in ([5], [3, 9, 27, 4, 4, 11, 2]):
-        want = reference_greedy(target, prompt, 24)
+        want = greedy_by_full_forwards(target, prompt, 24)
         ar = hs.autoregressive_generate(target, prompt, 24)
         assert ar.token_ids == want
         res = gen.generate(prompt, 24)
@@ -68,8 +51,8 @@ def test_greedy_lossless_and_caches(pair, policy):
         assert_cache_matches_fresh(draft, drafter.cache, gen.committed)
 
 
-def test_forced_strata_shape_the_tree(pair):
-    target, draft = pair
+def test_forced_strata_shape_the_tree(tiny_pair):
+    target, draft = tiny_pair
     low = hs.HeteroSpec(depth=2, top_k=2, total_tokens=6, thresholds=[1e9] * 7)
     high = hs.HeteroSpec(depth=2, top_k=2, total_tokens=6, thresholds=[-1.0] * 7)
     seen = {}
@@ -85,12 +68,12 @@ def test_forced_strata_shape_the_tree(pair):
     assert all(lv == 3 and s == 7 and nodes <= 6 for lv, nodes, s in seen["high"]), seen["high"]
 
 
-def test_draft_is_target_accepts_nearly_everything(pair):
-    target, _ = pair
+def test_draft_is_target_accepts_nearly_everything(tiny_pair):
+    target, _ = tiny_pair
     gen = hs.SpeculativeGenerator(target, hs.ModelDrafter(target, top_k=2),
                                   hs.StaticTree(depth=3, top_k=2, total_tokens=6))
     res = gen.generate([4, 5, 6], 30)
-    assert res.token_ids == reference_greedy(target, [4, 5, 6], 30)
+    assert res.token_ids == greedy_by_full_forwards(target, [4, 5, 6], 30)
     assert res.stats.tau > 4.0  # max 5 with 4 levels; fp ties may cost a little
 
 
@@ -105,7 +88,7 @@ def exact_first_three(lm, prompt, temperature, top_k, top_p):
     def dist(prefixes):
         with torch.no_grad():
             logits = lm.model(input_ids=torch.tensor(prefixes)).logits[:, -1]
-        return [_processed_probs(row, temperature, top_k, top_p) for row in logits]
+        return [processed_probs(row, temperature, top_k, top_p) for row in logits]
 
     v = lm.vocab_size
     probs = {}
@@ -189,8 +172,8 @@ def _bonus_from_p_not_residual(target_logits, candidates, parents, **kw):
     res = _REAL_FUSED_VERIFY(target_logits, candidates, parents, **kw)
     a = int(res.num_accepted[0])
     last = int(res.accepted_nodes[0, a])
-    p = _processed_probs(target_logits[0, last], float(kw["temperature"][0]),
-                         int(kw["top_k"][0]), float(kw["top_p"][0]))
+    p = processed_probs(target_logits[0, last], float(kw["temperature"][0]),
+                        int(kw["top_k"][0]), float(kw["top_p"][0]))
     u = float(kw["uniforms"][0, 0])
     tok = int(torch.searchsorted(torch.cumsum(p, 0), u, right=True).clamp(max=p.numel() - 1))
     out = res.out_tokens.clone()
@@ -209,8 +192,8 @@ def test_sampling_test_catches_planted_bug(sampling_setup, monkeypatch):
     assert pvalue < 1e-6, pvalue
 
 
-def test_seed_reproducible_and_ar_sampling_distribution_shape(pair):
-    target, draft = pair
+def test_seed_reproducible_and_ar_sampling_distribution_shape(tiny_pair):
+    target, draft = tiny_pair
     gen = hs.SpeculativeGenerator(target, hs.ModelDrafter(draft, top_k=3),
                                   hs.HeteroSpec(depth=2, top_k=3, total_tokens=8))
     sp = hs.SamplingParams(temperature=1.0, top_k=10, top_p=0.9, seed=123)
@@ -225,8 +208,8 @@ def test_seed_reproducible_and_ar_sampling_distribution_shape(pair):
     assert ar1.token_ids == ar2.token_ids
 
 
-def test_stop_token_ends_generation(pair):
-    target, draft = pair
+def test_stop_token_ends_generation(tiny_pair):
+    target, draft = tiny_pair
     gen = hs.SpeculativeGenerator(target, hs.ModelDrafter(draft, top_k=2),
                                   hs.StaticTree(depth=3, top_k=2, total_tokens=6))
     full = gen.generate([9, 9], 20).token_ids
@@ -239,44 +222,15 @@ def test_stop_token_ends_generation(pair):
 # ----------------------------------------------------------------------------- bad input
 
 
-class _IgnoresMask(torch.nn.Module):
-    """A causal LM that silently ignores custom attention masks and positions."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.config = inner.config
-
-    def get_output_embeddings(self):
-        return self.inner.get_output_embeddings()
-
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None,
-                use_cache=None, logits_to_keep=0):
-        return self.inner(input_ids=input_ids, cache=cache, use_cache=use_cache)
-
-
-class _NoPositions(torch.nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.config = inner.config
-
-    def get_output_embeddings(self):
-        return self.inner.get_output_embeddings()
-
-    def forward(self, input_ids=None, attention_mask=None):
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask)
-
-
 def test_model_without_4d_mask_support_is_rejected():
     with pytest.raises(hs.UnsupportedModelError, match="4D attention mask"):
-        hs.CausalLM(_IgnoresMask(tiny_llama(VOCAB, seed=3)))
+        hs.CausalLM(IgnoresMask(tiny_llama(VOCAB, seed=3)))
     with pytest.raises(hs.UnsupportedModelError, match="position_ids"):
-        hs.CausalLM(_NoPositions(tiny_llama(VOCAB, seed=3)))
+        hs.CausalLM(NoPositions(tiny_llama(VOCAB, seed=3)))
 
 
-def test_tokenizer_mismatch_is_rejected(pair):
-    target, draft = pair
+def test_tokenizer_mismatch_is_rejected(tiny_pair):
+    target, draft = tiny_pair
     other = hs.CausalLM(tiny_llama(VOCAB + 8, seed=4), name="other")
     with pytest.raises(hs.TokenizerMismatchError, match="vocabulary size"):
         hs.SpeculativeGenerator(target, hs.ModelDrafter(other, top_k=2), hs.StaticTree(2, 2, 4))
@@ -315,8 +269,8 @@ def test_shipped_default_policy_loads():
     assert len(pol.thresholds) == 7 and pol.policy_t.shape == (8, 2)
 
 
-def test_generation_argument_errors(pair):
-    target, draft = pair
+def test_generation_argument_errors(tiny_pair):
+    target, draft = tiny_pair
     gen = hs.SpeculativeGenerator(target, hs.ModelDrafter(draft, top_k=2), hs.StaticTree(2, 2, 4))
     for bad in (0, -3, 2.5, None):
         with pytest.raises(hs.GenerationConfigError, match="max_new_tokens"):
@@ -344,25 +298,6 @@ def test_missing_model_paths(tmp_path):
         hs.load_target(str(not_gguf))
 
 
-def _cli(*args, timeout=300, path_first=(), popen=False):
-    """``python -m heterospec.cli ARGS`` in a subprocess (``subprocess.run`` result, or the
-    running ``Popen`` with ``popen``); ``path_first`` directories go first on ``PYTHONPATH``."""
-    import os
-    import subprocess
-    import sys
-
-    from test_driver_support import REPO_ROOT
-
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([*path_first, os.path.join(REPO_ROOT, "python"),
-                                         REPO_ROOT, env.get("PYTHONPATH", "")])
-    cmd = [sys.executable, "-m", "heterospec.cli", *args]
-    if popen:
-        return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=env)
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-
-
 def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path):
     bad = tmp_path / "policy.json"
     bad.write_text("[1, 2")
@@ -371,6 +306,6 @@ def test_cli_bad_input_is_one_line_not_a_traceback(tmp_path):
         (["generate", "--policy", str(bad), "--prompt", "hi"], "not valid JSON"),
         (["generate", "--policy", str(tmp_path / "none.json"), "--prompt", "hi"], "not found"),
     ):
-        proc = _cli(*args)
+        proc = run_cli(*args)
         assert proc.returncode == 2, (args, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr and needle in proc.stderr, proc.stderr[-2000:]

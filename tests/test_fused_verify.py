@@ -2,17 +2,15 @@
 structural invariants, the _out variant, opcheck and invalid input."""
 import math
 import re
-import os
-import sys
 import zlib
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import heterospec_ext as hx
 from heterospec_ext import reference as ref
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import run_error_cases  # noqa: E402  (tests/ is not a package)
+from heterospec_ext.testing import raises_exactly, random_parent_row
 
 OP = torch.ops.heterospec.fused_verify.default
 OP_OUT = torch.ops.heterospec.fused_verify_out.default
@@ -22,29 +20,6 @@ DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # ----------------------------------------------------------------------------- input builders
 
 
-def make_parents(kind: str, n: int, gen: torch.Generator) -> torch.Tensor:
-    """One [n] tree in the stratify convention; kind in chain/star/bushy/deep/padded."""
-    parents = torch.full((n,), -1, dtype=torch.int64)
-    for i in range(1, n):
-        if kind == "chain":
-            parents[i] = i - 1
-        elif kind == "star":
-            parents[i] = 0
-        elif kind == "bushy":
-            parents[i] = int(torch.randint(0, i, (1,), generator=gen))
-        elif kind == "deep":  # mostly a chain with a few side branches
-            back = int(torch.randint(1, 4, (1,), generator=gen))
-            parents[i] = max(0, i - back)
-        elif kind == "padded":  # random tree with padding slots sprinkled in
-            if torch.rand((), generator=gen) < 0.3:
-                continue
-            real = [j for j in range(i) if j == 0 or parents[j] >= 0]
-            parents[i] = real[int(torch.randint(0, len(real), (1,), generator=gen))]
-        else:
-            raise ValueError(kind)
-    return parents
-
-
 KINDS = ["chain", "star", "bushy", "deep", "padded"]
 
 
@@ -52,7 +27,8 @@ def make_case(batch, nodes, vocab, gen, *, dtype=torch.float32, kinds=KINDS, dup
               boost=(2.0, 9.0), scale=1.0):
     """Random trees, candidates (some duplicate siblings, -1 on padding and the root), and
     logits in which children tokens are boosted so that deep acceptance happens."""
-    parents = torch.stack([make_parents(kinds[b % len(kinds)], nodes, gen) for b in range(batch)])
+    parents = torch.stack([random_parent_row(kinds[b % len(kinds)], nodes, gen)
+                           for b in range(batch)])
     cands = torch.randint(0, vocab, (batch, nodes), generator=gen)
     for b in range(batch):
         for c in range(1, nodes):
@@ -318,7 +294,7 @@ def test_one_hot_target_equal_to_draft(device, mode):
     """A one-hot target that agrees with the draft accepts the whole path, whatever the coins."""
     gen = torch.Generator().manual_seed(21)
     batch, nodes, vocab = 9, 10, 50
-    parents = torch.stack([make_parents("chain", nodes, gen) for _ in range(batch)])
+    parents = torch.stack([random_parent_row("chain", nodes, gen) for _ in range(batch)])
     path = torch.randint(0, vocab, (batch, nodes + 1), generator=gen)  # path[:, nodes]: bonus
     cands = path[:, :nodes].clone()
     cands[:, 0] = -1
@@ -413,120 +389,151 @@ def test_opcheck(device):
 
 # ----------------------------------------------------------------------------- invalid input
 
-_SETUP = """
-B, N, V = 2, 4, 10
-logits = torch.randn(B, N, V, device=device)
-cands = torch.tensor([[-1, 3, 4, 5], [-1, 1, 2, 3]], device=device)
-parents = torch.tensor([[-1, 0, 0, 1], [-1, 0, 1, 2]], device=device)
-temperature = torch.ones(B, device=device)
-top_k = torch.zeros(B, dtype=torch.int64, device=device)
-top_p = torch.ones(B, device=device)
-uniforms = torch.rand(B, N, device=device) * 0.5
-draft_probs = None
-OP = torch.ops.heterospec.fused_verify.default
-"""
-_CALL = """
-r = OP(logits, cands, parents, temperature, top_k, top_p, uniforms, draft_probs)
-if device.type == "cuda":  # documented sentinel for the bad request 0; request 1 is fine
-    assert int(r[2][0]) == 0 and bool((r[0][0] == -1).all()) and bool((r[1][0] == -1).all()), r
-    assert int(r[1][1, 0]) == 0, r
-"""
+def _good_inputs(device):
+    """Valid fused_verify arguments: B = 2 requests of N = 4 nodes, V = 10, sampling at T = 1."""
+    B, N, V = 2, 4, 10
+    return SimpleNamespace(
+        B=B, N=N, V=V, logits=torch.randn(B, N, V, device=device),
+        cands=torch.tensor([[-1, 3, 4, 5], [-1, 1, 2, 3]], device=device),
+        parents=torch.tensor([[-1, 0, 0, 1], [-1, 0, 1, 2]], device=device),
+        temperature=torch.ones(B, device=device),
+        top_k=torch.zeros(B, dtype=torch.int64, device=device),
+        top_p=torch.ones(B, device=device),
+        uniforms=torch.rand(B, N, device=device) * 0.5, draft_probs=None)
 
-# name -> (statement that spoils request 0, argument the message must name)
+
+def _call(x):
+    return OP(x.logits, x.cands, x.parents, x.temperature, x.top_k, x.top_p, x.uniforms,
+              x.draft_probs)
+
+
+def _with(t, index, value):
+    """``t`` after ``t[index] = value``."""
+    t[index] = value
+    return t
+
+
+def _uniform_probs(x, index, value):
+    """draft_probs of 0.1 everywhere except ``value`` at ``index``."""
+    return _with(torch.full((x.B, x.N, x.V), 0.1, device=x.logits.device), index, value)
+
+
+# name -> (spoils request 0 of the inputs x in place, argument the CPU message must name)
 DATA_CASES = {
-    "nan_logits": ("logits[0, 0, 3] = float('nan')", "target_logits"),
-    "posinf_logits": ("logits[0, 0, 1] = float('inf')", "target_logits"),
-    "all_neginf_root_row": ("logits[0, 0] = float('-inf')", "target_logits"),
-    "nan_logits_greedy": ("logits[0, 0, 3] = float('nan'); temperature[0] = 0", "target_logits"),
-    "parent_self": ("parents[0, 2] = 2", "parents"),
-    "parent_forward": ("parents[0, 1] = 3", "parents"),
-    "parent_below_minus_one": ("parents[0, 3] = -2", "parents"),
-    "root_has_parent": ("parents[0, 0] = 0", "parents"),
-    "parent_is_padding": ("parents[0, 1] = -1", "parents"),
-    "candidate_too_large": ("cands[0, 3] = V", "candidates"),
-    "candidate_minus_one_real_node": ("cands[0, 1] = -1", "candidates"),
-    "uniform_one": ("uniforms[0, 2] = 1.0", "uniforms"),
-    "uniform_negative": ("uniforms[0, 0] = -0.25", "uniforms"),
-    "uniform_nan": ("uniforms[0, 3] = float('nan')", "uniforms"),
-    "temperature_negative": ("temperature[0] = -1.0", "temperature"),
-    "temperature_nan": ("temperature[0] = float('nan')", "temperature"),
-    "temperature_inf": ("temperature[0] = float('inf')", "temperature"),
-    "top_p_zero": ("top_p[0] = 0.0", "top_p"),
-    "top_p_above_one": ("top_p[0] = 1.5", "top_p"),
-    "top_p_nan": ("top_p[0] = float('nan')", "top_p"),
+    "nan_logits": (lambda x: _with(x.logits, (0, 0, 3), float("nan")), "target_logits"),
+    "posinf_logits": (lambda x: _with(x.logits, (0, 0, 1), float("inf")), "target_logits"),
+    "all_neginf_root_row": (lambda x: _with(x.logits, (0, 0), float("-inf")), "target_logits"),
+    "nan_logits_greedy": (lambda x: (_with(x.logits, (0, 0, 3), float("nan")),
+                                     _with(x.temperature, 0, 0.0)), "target_logits"),
+    "parent_self": (lambda x: _with(x.parents, (0, 2), 2), "parents"),
+    "parent_forward": (lambda x: _with(x.parents, (0, 1), 3), "parents"),
+    "parent_below_minus_one": (lambda x: _with(x.parents, (0, 3), -2), "parents"),
+    "root_has_parent": (lambda x: _with(x.parents, (0, 0), 0), "parents"),
+    "parent_is_padding": (lambda x: _with(x.parents, (0, 1), -1), "parents"),
+    "candidate_too_large": (lambda x: _with(x.cands, (0, 3), x.V), "candidates"),
+    "candidate_minus_one_real_node": (lambda x: _with(x.cands, (0, 1), -1), "candidates"),
+    "uniform_one": (lambda x: _with(x.uniforms, (0, 2), 1.0), "uniforms"),
+    "uniform_negative": (lambda x: _with(x.uniforms, (0, 0), -0.25), "uniforms"),
+    "uniform_nan": (lambda x: _with(x.uniforms, (0, 3), float("nan")), "uniforms"),
+    "temperature_negative": (lambda x: _with(x.temperature, 0, -1.0), "temperature"),
+    "temperature_nan": (lambda x: _with(x.temperature, 0, float("nan")), "temperature"),
+    "temperature_inf": (lambda x: _with(x.temperature, 0, float("inf")), "temperature"),
+    "top_p_zero": (lambda x: _with(x.top_p, 0, 0.0), "top_p"),
+    "top_p_above_one": (lambda x: _with(x.top_p, 0, 1.5), "top_p"),
+    "top_p_nan": (lambda x: _with(x.top_p, 0, float("nan")), "top_p"),
     "draft_probs_negative": (
-        "draft_probs = torch.full((B, N, V), 0.1, device=device); draft_probs[0, 0, 2] = -0.1",
-        "draft_probs"),
+        lambda x: vars(x).update(draft_probs=_uniform_probs(x, (0, 0, 2), -0.1)), "draft_probs"),
     "draft_probs_nan": (
-        "draft_probs = torch.full((B, N, V), 0.1, device=device); "
-        "draft_probs[0, 0, 5] = float('nan')", "draft_probs"),
-}
-
-SHAPE_CASES = {
-    "logits_2d": ("logits = logits[:, 0]", "target_logits"),
-    "logits_int": ("logits = logits.long()", "target_logits"),
-    "logits_float64": ("logits = logits.double()", "target_logits"),
-    "logits_zero_nodes": ("logits = logits[:, :0]", "target_logits"),
-    "cands_int32": ("cands = cands.int()", "candidates"),
-    "cands_wrong_n": ("cands = cands[:, :3]", "candidates"),
-    "parents_1d": ("parents = parents[0]", "parents"),
-    "parents_wrong_b": ("parents = parents[:1]", "parents"),
-    "temperature_float64": ("temperature = temperature.double()", "temperature"),
-    "temperature_wrong_b": ("temperature = torch.ones(B + 1, device=device)", "temperature"),
-    "top_k_float": ("top_k = top_k.float()", "top_k"),
-    "top_k_2d": ("top_k = top_k[:, None]", "top_k"),
-    "top_p_float64": ("top_p = top_p.double()", "top_p"),
-    "uniforms_wrong_n": ("uniforms = uniforms[:, :2]", "uniforms"),
-    "uniforms_float64": ("uniforms = uniforms.double()", "uniforms"),
-    "draft_probs_bf16": ("draft_probs = torch.rand(B, N, V, device=device).bfloat16()",
-                         "draft_probs"),
-    "draft_probs_wrong_v": ("draft_probs = torch.rand(B, N, V + 1, device=device)",
-                            "draft_probs"),
-    "draft_probs_2d": ("draft_probs = torch.rand(B, N, device=device)", "draft_probs"),
+        lambda x: vars(x).update(draft_probs=_uniform_probs(x, (0, 0, 5), float("nan"))),
+        "draft_probs"),
 }
 
 
-def test_invalid_data(device):
-    cases = [(name, _SETUP + stmt + "\n" + _CALL) for name, (stmt, _) in DATA_CASES.items()]
-    results = run_error_cases(cases, device)
-    for name, (_, arg) in DATA_CASES.items():
-        exc, msg = results[name]
-        if device.type == "cuda":
-            assert exc is None, f"{name}: CUDA must write the sentinel, got {exc}: {msg}"
-        else:
-            assert exc == "ValueError", f"{name}: expected ValueError, got {exc}: {msg}"
-            assert arg in msg, f"{name}: message must name {arg}: {msg}"
-
-
-def test_invalid_shapes_and_dtypes(device):
-    cases = [(name, _SETUP + stmt + "\n" + _CALL) for name, (stmt, _) in SHAPE_CASES.items()]
-    expected = dict(SHAPE_CASES)
+@pytest.mark.parametrize("case", DATA_CASES)
+def test_invalid_data(device, case):
+    """CPU raises ValueError naming the argument and request 0; CUDA (no host syncs) writes the
+    documented sentinel for request 0 and verifies request 1 as usual."""
+    spoil, argument = DATA_CASES[case]
+    x = _good_inputs(device)
+    spoil(x)
     if device.type == "cuda":
-        expected["top_p_on_cpu"] = ("top_p = top_p.cpu()", "top_p")
-        cases.append(("top_p_on_cpu", _SETUP + "top_p = top_p.cpu()\n" + _CALL))
-    results = run_error_cases(cases, device)
-    for name, (_, arg) in expected.items():
-        exc, msg = results[name]
-        assert exc == "RuntimeError", f"{name}: expected RuntimeError, got {exc}: {msg}"
-        assert arg in msg, f"{name}: message must name {arg}: {msg}"
+        r = _call(x)
+        assert int(r[2][0]) == 0 and bool((r[0][0] == -1).all()) and bool((r[1][0] == -1).all())
+        assert int(r[1][1, 0]) == 0, r
+        return
+    names_both = rf"\b{argument}\b.*request 0|request 0.*\b{argument}\b"
+    with raises_exactly(ValueError, names_both):
+        _call(x)
 
 
-def test_invalid_out_buffers(device):
-    out_ok = ("out_tokens = torch.empty(B, N, dtype=torch.int64, device=device)\n"
-              "accepted_nodes = torch.empty(B, N, dtype=torch.int64, device=device)\n"
-              "num_accepted = torch.empty(B, dtype=torch.int64, device=device)\n")
-    call = ("torch.ops.heterospec.fused_verify_out.default(logits, cands, parents, temperature, "
-            "top_k, top_p, uniforms, None, out_tokens, accepted_nodes, num_accepted)\n")
-    bad = {
-        "out_tokens_int32": ("out_tokens = out_tokens.int()", "out_tokens"),
-        "accepted_nodes_wrong_n": ("accepted_nodes = accepted_nodes[:, :2]", "accepted_nodes"),
-        "num_accepted_2d": ("num_accepted = num_accepted[:, None]", "num_accepted"),
-    }
-    results = run_error_cases(
-        [(n, _SETUP + out_ok + s + "\n" + call) for n, (s, _) in bad.items()], device)
-    for name, (_, arg) in bad.items():
-        exc, msg = results[name]
-        assert exc == "RuntimeError" and arg in msg, (name, exc, msg)
+# name -> (replaces an argument of the inputs x, argument the RuntimeError must name)
+SHAPE_CASES = {
+    "logits_2d": (lambda x: vars(x).update(logits=x.logits[:, 0]), "target_logits"),
+    "logits_int": (lambda x: vars(x).update(logits=x.logits.long()), "target_logits"),
+    "logits_float64": (lambda x: vars(x).update(logits=x.logits.double()), "target_logits"),
+    "logits_zero_nodes": (lambda x: vars(x).update(logits=x.logits[:, :0]), "target_logits"),
+    "cands_int32": (lambda x: vars(x).update(cands=x.cands.int()), "candidates"),
+    "cands_wrong_n": (lambda x: vars(x).update(cands=x.cands[:, :3]), "candidates"),
+    "parents_1d": (lambda x: vars(x).update(parents=x.parents[0]), "parents"),
+    "parents_wrong_b": (lambda x: vars(x).update(parents=x.parents[:1]), "parents"),
+    "temperature_float64": (lambda x: vars(x).update(temperature=x.temperature.double()),
+                            "temperature"),
+    "temperature_wrong_b": (lambda x: vars(x).update(temperature=torch.ones(
+        x.B + 1, device=x.logits.device)), "temperature"),
+    "top_k_float": (lambda x: vars(x).update(top_k=x.top_k.float()), "top_k"),
+    "top_k_2d": (lambda x: vars(x).update(top_k=x.top_k[:, None]), "top_k"),
+    "top_p_float64": (lambda x: vars(x).update(top_p=x.top_p.double()), "top_p"),
+    "uniforms_wrong_n": (lambda x: vars(x).update(uniforms=x.uniforms[:, :2]), "uniforms"),
+    "uniforms_float64": (lambda x: vars(x).update(uniforms=x.uniforms.double()), "uniforms"),
+    "draft_probs_bf16": (lambda x: vars(x).update(draft_probs=torch.rand(
+        x.B, x.N, x.V, device=x.logits.device).bfloat16()), "draft_probs"),
+    "draft_probs_wrong_v": (lambda x: vars(x).update(draft_probs=torch.rand(
+        x.B, x.N, x.V + 1, device=x.logits.device)), "draft_probs"),
+    "draft_probs_2d": (lambda x: vars(x).update(draft_probs=torch.rand(
+        x.B, x.N, device=x.logits.device)), "draft_probs"),
+}
+
+
+@pytest.mark.parametrize("case", SHAPE_CASES)
+def test_invalid_shapes_and_dtypes(device, case):
+    spoil, argument = SHAPE_CASES[case]
+    x = _good_inputs(device)
+    spoil(x)
+    with raises_exactly(RuntimeError, rf"\b{argument}\b"):
+        _call(x)
+
+
+def test_inputs_on_two_devices_raise(device):
+    if device.type != "cuda":
+        pytest.skip("needs a second device type")
+    x = _good_inputs(device)
+    x.top_p = x.top_p.cpu()
+    with raises_exactly(RuntimeError, r"\btop_p\b"):
+        _call(x)
+
+
+# name -> (output buffers of B = 2, N = 4 -> the spoiled one, argument the RuntimeError names)
+BAD_OUT_BUFFERS = {
+    "out_tokens_int32": (lambda o: vars(o).update(out_tokens=o.out_tokens.int()), "out_tokens"),
+    "accepted_nodes_wrong_n": (lambda o: vars(o).update(accepted_nodes=o.accepted_nodes[:, :2]),
+                               "accepted_nodes"),
+    "num_accepted_2d": (lambda o: vars(o).update(num_accepted=o.num_accepted[:, None]),
+                        "num_accepted"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_OUT_BUFFERS)
+def test_invalid_out_buffers(device, case):
+    spoil, argument = BAD_OUT_BUFFERS[case]
+    x = _good_inputs(device)
+    i64 = dict(dtype=torch.int64, device=device)
+    o = SimpleNamespace(out_tokens=torch.empty(x.B, x.N, **i64),
+                        accepted_nodes=torch.empty(x.B, x.N, **i64),
+                        num_accepted=torch.empty(x.B, **i64))
+    spoil(o)
+    with raises_exactly(RuntimeError, rf"\b{argument}\b"):
+        OP_OUT(x.logits, x.cands, x.parents, x.temperature, x.top_k, x.top_p, x.uniforms, None,
+               o.out_tokens, o.accepted_nodes, o.num_accepted)
 
 
 def _all_bad_requests_case(spoil: str, batch=8, nodes=48, vocab=20000):
@@ -571,19 +578,18 @@ def test_walk_errors_name_the_lowest_bad_request(spoil, threads):
         torch.set_num_threads(previous)
 
 
-@pytest.mark.parametrize("name,change,shown", [
-    ("top_p", "top_p[1] = 1.0000001", "got 1.0000001"),
-    ("temperature", "temperature[1] = -1e-45", "got -1e-45"),
-    ("uniforms", "uniforms[1, 2] = 1.0000001", "got 1.0000001"),
-])
-def test_rejected_values_are_printed_exactly(name, change, shown):
+@pytest.mark.parametrize("name,index,value,shown", [
+    ("top_p", 1, 1.0000001, "got 1.0000001"),
+    ("temperature", 1, -1e-45, "got -1e-45"),
+    ("uniforms", (1, 2), 1.0000001, "got 1.0000001"),
+], ids=["top_p", "temperature", "uniforms"])
+def test_rejected_values_are_printed_exactly(name, index, value, shown):
     """A value next to a bound is printed with every digit that matters (the shortest text that
     reads back as the float), not as the default 6 digits: top_p = 1.0000001 was "got 1"."""
-    scope = {"torch": torch}
-    exec(_SETUP.replace("device=device", "device='cpu'") + change, scope)
+    x = _good_inputs(torch.device("cpu"))
+    _with(getattr(x, name), index, value)
     with pytest.raises(ValueError, match=rf"^{name}: request 1 .*{re.escape(shown)}$"):
-        OP(*(scope[k] for k in ("logits", "cands", "parents", "temperature", "top_k", "top_p",
-                                "uniforms", "draft_probs")))
+        _call(x)
 
 
 def _underflow_cases():

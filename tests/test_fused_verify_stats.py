@@ -15,9 +15,9 @@ a vectorised pure-torch simulator of the walk, which also passes the test when u
 """
 import pytest
 import torch
-from scipy import stats
 
 from heterospec_ext import reference as ref
+from heterospec_ext.testing import chi_square
 
 OP = torch.ops.heterospec.fused_verify.default
 TRIALS = 100_000
@@ -173,20 +173,6 @@ def simulate(model, batch, gen, real_q, bug=None):
     need = y2 < 0
     y2[need] = torch.multinomial(model.p1[emitted[need, 0]].float(), 1, generator=gen)[:, 0]
     return emitted[:, 0], y2, count - 1
-
-
-def chi_square(counts, expected_probs, total):
-    """Chi-square p-value, pooling cells with expected count < 5 into one cell."""
-    expected = expected_probs.flatten() * total
-    observed = counts.flatten().double()
-    assert float(observed[expected == 0].sum()) == 0, "a zero-probability outcome was emitted"
-    small = expected < 5
-    obs = torch.cat([observed[~small], observed[small].sum().reshape(1)])
-    exp = torch.cat([expected[~small], expected[small].sum().reshape(1)])
-    keep = exp > 0
-    obs, exp = obs[keep], exp[keep]
-    return float(stats.chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item())
-                 .pvalue)
 
 
 def collect(model, sampler, seed):

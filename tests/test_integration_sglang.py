@@ -13,10 +13,8 @@ import torch.nn.functional as F
 import heterospec_ext as hx
 from heterospec_ext.integrations import reference as ref
 from heterospec_ext.integrations import sglang as sg
-from exact_law import (TokenPathTarget, assert_matches_exact_law,  # noqa: E402  (on sys.path)
-                       joint_counts)
-from test_fused_verify import make_parents  # noqa: E402
-from test_fused_verify_stats import chi_square  # noqa: E402
+from heterospec_ext.testing import (TokenPathTarget, assert_matches_exact_law, chi_square,
+                                    joint_counts, random_parent_row)
 
 FULL, QLEN, PACKED = sg.FULL_MASK, sg.QLEN_ONLY, sg.QLEN_ONLY_BITPACKING
 KINDS = ("ragged", "star", "chain", "kary", "padded")
@@ -268,7 +266,7 @@ def tree_shape(kind, n, gen):
     if kind == "kary":
         k = 2 + int(torch.randint(0, 3, (1,), generator=gen))
         return [-1] + [(i - 1) // k for i in range(1, n)]
-    return make_parents({"ragged": "bushy"}.get(kind, kind), n, gen).tolist()
+    return random_parent_row({"ragged": "bushy"}.get(kind, kind), n, gen).tolist()
 
 
 def linked_trees(bs, n, gen, *, permute_nodes=True, permute_index=True, kinds=KINDS):
@@ -587,7 +585,9 @@ def test_parent_first_promise(monkeypatch):
     with pytest.raises(ValueError, match="request 1 is not numbered parent-first"):
         call()
     monkeypatch.setattr(sg, "on_host", lambda t: False)
-    with pytest.raises(ValueError, match=r"^parents: request 1: node 0 has parent 0"):
+    with pytest.raises(ValueError, match=r"^fused_verify: parents of request 1 is not a valid "
+                                         r"tree: node 0 has parent 0 \(the root \(node 0\) must "
+                                         r"have parent -1\)$"):
         call()
 
 
@@ -820,8 +820,8 @@ def test_malformed_requests_reach_the_op_as_invalid_trees(monkeypatch):
     for changes, bad_request in ((dict(retrive_next_token=with_entry(nt, (1, 3), 2)), 1),
                                  (dict(retrive_next_token=with_entry(nt, (0, 2), 9)), 0),
                                  (dict(retrive_index=with_entry(ri, (1, 0), -4)), 1)):
-        with pytest.raises(ValueError, match=rf"^parents: request {bad_request}: node 0 has "
-                                             rf"parent 0"):
+        with pytest.raises(ValueError, match=rf"^fused_verify: parents of request {bad_request} "
+                                             rf"is not a valid tree: node 0 has parent 0 "):
             sg.verify_tree_greedy(**verify_args("cpu", **changes))
 
 

@@ -11,9 +11,8 @@ import torch
 
 from heterospec_ext.integrations import reference as ref
 from heterospec_ext.integrations import vllm as vl
-from exact_law import (TokenPathTarget, assert_matches_exact_law,  # noqa: E402  (on sys.path)
-                       joint_counts)
-from test_fused_verify_stats import chi_square  # noqa: E402
+from heterospec_ext.testing import (TokenPathTarget, assert_matches_exact_law, chi_square,
+                                    joint_counts)
 
 PLACEHOLDER = vl.PLACEHOLDER_TOKEN_ID
 

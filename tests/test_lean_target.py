@@ -4,12 +4,13 @@ its cache, capture and verifier contract; and which models it refuses."""
 import pytest
 import torch
 
-from test_driver_support import one_thread, tiny_llama  # noqa: F401  (one_thread: a fixture)
+import heterospec as hs
+from heterospec.lean_target import LeanDecoder, lean_unsupported_reason
+from heterospec.packed_linear import PackedLinear
+from heterospec.testing import IgnoresMask, tiny_llama
+from heterospec.verifier import DynamicTreeCache, make_verifier
 
-import heterospec as hs  # noqa: E402
-from heterospec.lean_target import LeanDecoder, lean_unsupported_reason  # noqa: E402
-from heterospec.packed_linear import PackedLinear  # noqa: E402
-from heterospec.verifier import DynamicTreeCache, make_verifier  # noqa: E402
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB = 48
 
@@ -174,11 +175,10 @@ def test_packed_linear_equals_linear(dtype, bias):
 def test_tree_attention_probe_per_dtype():
     """The probe accepts a correct model in float32 and bfloat16 (bf16 rounding is not a mask
     violation) and rejects a model that ignores the mask in both."""
-    from test_driver_tiny import _IgnoresMask
 
     for dtype in (torch.float32, torch.bfloat16):
         model = tiny_llama(VOCAB, seed=8, logit_scale=30.0)
         model._apply(lambda t: t.to(dtype) if t.is_floating_point() else t)
         hs.CausalLM(model)  # passes
         with pytest.raises(hs.UnsupportedModelError, match="does not honour"):
-            hs.CausalLM(_IgnoresMask(model))
+            hs.CausalLM(IgnoresMask(model))

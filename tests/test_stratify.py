@@ -1,18 +1,14 @@
 """stratify: H(P*) bit-exact against the float32 reference, P* tie rules, strata, policy, errors."""
 import math
-import os
-import sys
 import zlib
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 import heterospec_ext as hx
-from heterospec_ext.testing import eagle_pool, random_parents
+from heterospec_ext.testing import eagle_pool, raises_exactly, random_parents
 from heterospec_ext import reference as ref
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import run_error_cases  # noqa: E402  (tests/ is not a package)
 
 OP = torch.ops.heterospec.stratify.default
 OP_OUT = torch.ops.heterospec.stratify_out.default
@@ -235,7 +231,7 @@ MALFORMED_PARENTS = {
 
 def test_malformed_parents_on_cuda_give_sentinels(device):
     if device.type != "cuda":
-        pytest.skip("CPU raises instead (see test_error_cases)")
+        pytest.skip("CPU raises instead (test_data_errors_raise_on_cpu_and_not_on_cuda)")
     for name, rows in MALFORMED_PARENTS.items():
         parents = torch.tensor(rows)
         args = to(device, torch.rand(2, 4), torch.rand(2, 4), parents, torch.tensor([0.5]),
@@ -250,68 +246,87 @@ def test_malformed_parents_on_cuda_give_sentinels(device):
             assert torch.equal(got[:1].cpu(), want), name
 
 
-GOOD = """
-B, M = 2, 4
-e = torch.rand(B, M, device=device); c = torch.rand(B, M, device=device)
-p = torch.tensor([[-1, 0, 1, 0], [-1, 0, 1, 1]], device=device)
-t = torch.tensor([0.5, 1.0], device=device); pol = torch.zeros(3, 2, dtype=torch.int64, device=device)
-"""
+def _good_inputs(device):
+    """Valid stratify arguments: B = 2 requests of M = 4 nodes, 2 thresholds, 3 strata."""
+    return SimpleNamespace(
+        e=torch.rand(2, 4, device=device), c=torch.rand(2, 4, device=device),
+        p=torch.tensor([[-1, 0, 1, 0], [-1, 0, 1, 1]], device=device),
+        t=torch.tensor([0.5, 1.0], device=device),
+        pol=torch.zeros(3, 2, dtype=torch.int64, device=device))
 
 
-def test_error_cases(device):
-    cases = {
-        "entropy_dtype": ("hx.stratify(e.double(), c, p, t, pol)", "RuntimeError", "step_entropy"),
-        "entropy_rank": ("hx.stratify(e[0], c, p, t, pol)", "RuntimeError", "step_entropy"),
-        "entropy_shape": ("hx.stratify(e[:, :3], c, p, t, pol)", "RuntimeError", "step_entropy"),
-        "confidence_dtype": ("hx.stratify(e, c.half(), p, t, pol)", "RuntimeError", "confidence"),
-        "confidence_shape": ("hx.stratify(e, c[:1], p, t, pol)", "RuntimeError", "confidence"),
-        "parents_dtype": ("hx.stratify(e, c, p.int(), t, pol)", "RuntimeError", "parents"),
-        "parents_rank": ("hx.stratify(e[0], c[0], p[0], t, pol)", "RuntimeError", "parents"),
-        "parents_empty": ("hx.stratify(e[:, :0], c[:, :0], p[:, :0], t, pol)", "RuntimeError",
-                          "parents"),
-        "thresholds_rank": ("hx.stratify(e, c, p, t[None], pol)", "RuntimeError", "thresholds"),
-        "thresholds_dtype": ("hx.stratify(e, c, p, t.double(), pol)", "RuntimeError",
-                             "thresholds"),
-        "policy_rows": ("hx.stratify(e, c, p, t, pol[:2])", "RuntimeError", "policy"),
-        "policy_cols": ("hx.stratify(e, c, p, t, torch.zeros(3, 3, dtype=torch.int64, "
-                        "device=device))", "RuntimeError", "policy"),
-        "policy_dtype": ("hx.stratify(e, c, p, t, pol.float())", "RuntimeError", "policy"),
-        "out_dtype": ("hx.stratify_out(e, c, p, t, pol, torch.empty(2, device=device).double(), "
-                      "*[torch.empty(2, dtype=torch.int64, device=device)] * 4)", "RuntimeError",
-                      "path_entropy"),
-        "out_shape": ("hx.stratify_out(e, c, p, t, pol, torch.empty(2, device=device), "
-                      "*[torch.empty(2, dtype=torch.int64, device=device)] * 3, "
-                      "torch.empty(3, dtype=torch.int64, device=device))", "RuntimeError",
-                      "top_n"),
-        "out_strided": ("hx.stratify_out(e, c, p, t, pol, torch.empty(2, device=device), "
-                        "torch.empty(4, dtype=torch.int64, device=device)[::2], "
-                        "*[torch.empty(2, dtype=torch.int64, device=device)] * 3)",
-                        "RuntimeError", "pstar"),
-    }
-    data_cases = {
-        f"malformed_{name}": (f"hx.stratify(e, c, torch.tensor({rows}, device=device), t, pol)",
-                              "ValueError", "parents")
-        for name, rows in MALFORMED_PARENTS.items()
-    }
-    data_cases["thresholds_unsorted"] = (
-        "hx.stratify(e, c, p, torch.tensor([1.0, 0.5], device=device), pol)", "ValueError",
-        "thresholds")
-    data_cases["thresholds_nan"] = (
-        "hx.stratify(e, c, p, torch.tensor([0.5, float('nan')], device=device), pol)",
-        "ValueError", "thresholds")
-    if device.type == "cpu":
-        cases.update(data_cases)
+def _outputs(device, path_entropy=None, **int_outputs):
+    """stratify_out buffers for B = 2, with replacements by name."""
+    outs = {"path_entropy": torch.empty(2, device=device) if path_entropy is None else path_entropy}
+    for name in ("pstar", "stratum", "extra_depth", "top_n"):
+        outs[name] = int_outputs.get(name, torch.empty(2, dtype=torch.int64, device=device))
+    return list(outs.values())
+
+
+# name -> (call with the inputs x on device d, text the RuntimeError must hold)
+ARGUMENT_ERRORS = {
+    "entropy_dtype": (lambda x, d: hx.stratify(x.e.double(), x.c, x.p, x.t, x.pol), "step_entropy"),
+    "entropy_rank": (lambda x, d: hx.stratify(x.e[0], x.c, x.p, x.t, x.pol), "step_entropy"),
+    "entropy_shape": (lambda x, d: hx.stratify(x.e[:, :3], x.c, x.p, x.t, x.pol), "step_entropy"),
+    "confidence_dtype": (lambda x, d: hx.stratify(x.e, x.c.half(), x.p, x.t, x.pol), "confidence"),
+    "confidence_shape": (lambda x, d: hx.stratify(x.e, x.c[:1], x.p, x.t, x.pol), "confidence"),
+    "parents_dtype": (lambda x, d: hx.stratify(x.e, x.c, x.p.int(), x.t, x.pol), "parents"),
+    "parents_rank": (lambda x, d: hx.stratify(x.e[0], x.c[0], x.p[0], x.t, x.pol), "parents"),
+    "parents_empty": (lambda x, d: hx.stratify(x.e[:, :0], x.c[:, :0], x.p[:, :0], x.t, x.pol),
+                      "parents"),
+    "thresholds_rank": (lambda x, d: hx.stratify(x.e, x.c, x.p, x.t[None], x.pol), "thresholds"),
+    "thresholds_dtype": (lambda x, d: hx.stratify(x.e, x.c, x.p, x.t.double(), x.pol),
+                         "thresholds"),
+    "policy_rows": (lambda x, d: hx.stratify(x.e, x.c, x.p, x.t, x.pol[:2]), "policy"),
+    "policy_cols": (lambda x, d: hx.stratify(x.e, x.c, x.p, x.t, torch.zeros(
+        3, 3, dtype=torch.int64, device=d)), "policy"),
+    "policy_dtype": (lambda x, d: hx.stratify(x.e, x.c, x.p, x.t, x.pol.float()), "policy"),
+    "out_dtype": (lambda x, d: hx.stratify_out(x.e, x.c, x.p, x.t, x.pol, *_outputs(
+        d, path_entropy=torch.empty(2, device=d).double())), "path_entropy"),
+    "out_shape": (lambda x, d: hx.stratify_out(x.e, x.c, x.p, x.t, x.pol, *_outputs(
+        d, top_n=torch.empty(3, dtype=torch.int64, device=d))), "top_n"),
+    "out_strided": (lambda x, d: hx.stratify_out(x.e, x.c, x.p, x.t, x.pol, *_outputs(
+        d, pstar=torch.empty(4, dtype=torch.int64, device=d)[::2])), "pstar"),
+}
+
+
+@pytest.mark.parametrize("case", ARGUMENT_ERRORS)
+def test_argument_errors(device, case):
+    call, needle = ARGUMENT_ERRORS[case]
+    with raises_exactly(RuntimeError, needle):
+        call(_good_inputs(device), device)
+
+
+def test_inputs_on_two_devices_raise(device):
+    if device.type != "cuda":
+        pytest.skip("needs a second device type")
+    x = _good_inputs(device)
+    with raises_exactly(RuntimeError, "same device"):
+        hx.stratify(x.e.cpu(), x.c, x.p, x.t, x.pol)
+
+
+# name -> (parents or thresholds to use, argument the ValueError names, request it names)
+DATA_ERRORS = {
+    **{f"malformed_{name}": (dict(p=rows), "parents", 1)
+       for name, rows in MALFORMED_PARENTS.items()},
+    "thresholds_unsorted": (dict(t=[1.0, 0.5]), "thresholds", None),
+    "thresholds_nan": (dict(t=[0.5, float("nan")]), "thresholds", None),
+}
+
+
+@pytest.mark.parametrize("case", DATA_ERRORS)
+def test_data_errors_raise_on_cpu_and_not_on_cuda(device, case):
+    """CPU raises ValueError naming the argument (and the request); CUDA, which never syncs to
+    raise, returns (test_malformed_parents_on_cuda_give_sentinels checks the values)."""
+    changes, argument, request = DATA_ERRORS[case]
+    x = _good_inputs(device)
+    for name, value in changes.items():
+        setattr(x, name, torch.tensor(value, device=device))
+    call = lambda: hx.stratify(x.e, x.c, x.p, x.t, x.pol)  # noqa: E731
     if device.type == "cuda":
-        cases["device_mismatch"] = ("hx.stratify(e.cpu(), c, p, t, pol)", "RuntimeError",
-                                    "same device")
-    results = run_error_cases([(n, GOOD + code) for n, (code, _, _) in cases.items()], device)
-    for name, (_, exc_type, needle) in cases.items():
-        got_type, message = results[name]
-        assert got_type == exc_type, f"{name}: {got_type}: {message}"
-        assert needle in message, f"{name}: {message}"
-        if name.startswith("malformed_"):
-            assert "request 1" in message, f"{name}: {message}"
-    if device.type == "cuda":  # data errors cannot raise on CUDA: sentinels, no exception
-        results = run_error_cases([(n, GOOD + code) for n, (code, _, _) in data_cases.items()],
-                                  device)
-        assert all(v[0] is None for v in results.values()), results
+        call()
+        torch.cuda.synchronize()
+        return
+    where = rf" of request {request} " if request is not None else ""
+    with raises_exactly(ValueError, rf"^stratify: {argument}{where}"):
+        call()

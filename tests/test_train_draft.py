@@ -7,11 +7,12 @@ import os
 import pytest
 import torch
 
-from test_driver_support import one_thread, tiny_llama  # noqa: F401  (one_thread: a fixture)
+import heterospec as hs
+from heterospec import train_draft as td
+from heterospec.eagle3 import Eagle3Drafter, Eagle3Head, eagle3_config
+from heterospec.testing import tiny_llama
 
-import heterospec as hs  # noqa: E402
-from heterospec import train_draft as td  # noqa: E402
-from heterospec.eagle3 import Eagle3Drafter, Eagle3Head, eagle3_config  # noqa: E402
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 VOCAB, LAYERS = 48, 8  # 8 layers: EAGLE-3's default capture layers (2, 4, 5) are distinct
 

@@ -20,11 +20,6 @@
 namespace heterospec {
 namespace core {
 
-HX_HD_INLINE float hx_exp(float x) { return expf(x); }
-HX_HD_INLINE double hx_exp(double x) { return exp(x); }
-HX_HD_INLINE float hx_log(float x) { return logf(x); }
-HX_HD_INLINE double hx_log(double x) { return log(x); }
-
 template <typename Acc>
 HX_HD_INLINE Acc hx_neg_inf() {
   return -std::numeric_limits<Acc>::infinity();

@@ -5,11 +5,9 @@
 // padding, validation or the accept/draw comparisons. Rows are addressed with
 // raw pointers; `parents` and `candidates` point at one request's [N] row.
 //
-// Tree convention (shared with stratify / build_tree): node 0 is the root
-// (parents[0] == -1); for i > 0, 0 <= parents[i] < i for a real node and -1 for
-// a padding slot. A real node whose parent is a padding slot is malformed.
-// The children of node v are the real nodes c > v with parents[c] == v, tried in
-// increasing index order.
+// Trees follow the convention of core/tree.h (validated there with
+// first_malformed_node / check_tree_node). The children of node v are the real
+// nodes c > v with parents[c] == v, tried in increasing index order.
 //
 // Processing of a visited target row (identical for acceptance, residual and
 // the final draw), with exact-arithmetic definitions:
@@ -27,11 +25,10 @@
 // when a uniform lies within rounding distance of a threshold.
 #pragma once
 
-#include <math.h>
-
 #include <cstdint>
 
 #include "core/macros.h"
+#include "core/tree.h"
 
 namespace heterospec {
 namespace core {
@@ -44,11 +41,6 @@ constexpr int64_t kNoNode = -1;
 
 // ---------------------------------------------------------------- tree helpers
 
-// True iff slot i holds a real node (the root always does).
-HX_HD_INLINE bool is_real_node(const int64_t* parents, int64_t i) {
-  return i == 0 || parents[i] >= 0;
-}
-
 // The first child of v with index > `after` (pass `after = v` for the first
 // child), or kNoNode. Children are found by scanning parents, so a valid tree
 // needs no sibling lists. O(N) per call.
@@ -60,24 +52,9 @@ HX_HD_INLINE int64_t next_child(const int64_t* parents, int64_t n, int64_t v,
   return kNoNode;
 }
 
-// Index of the first slot that breaks the tree convention, or -1 when the
-// tree is valid: parents[0] must be -1; for i > 0, parents[i] must be -1
-// (padding) or in [0, i) and point at a real node. Bounded: O(N), no walks.
-HX_HD_INLINE int64_t first_bad_parent(const int64_t* parents, int64_t n) {
-  if (n <= 0) return -1;
-  if (parents[0] != -1) return 0;
-  for (int64_t i = 1; i < n; ++i) {
-    const int64_t p = parents[i];
-    if (p == -1) continue;
-    if (p < 0 || p >= i) return i;
-    if (!is_real_node(parents, p)) return i;
-  }
-  return -1;
-}
-
 // Index of the first real non-root node whose token lies outside [0, vocab),
 // or -1. Padding slots and the root may hold anything (typically -1).
-// Assumes first_bad_parent(parents, n) == -1.
+// Assumes first_malformed_node(parents, n) == -1.
 HX_HD_INLINE int64_t first_bad_candidate(const int64_t* parents,
                                          const int64_t* candidates, int64_t n,
                                          int64_t vocab) {
@@ -109,7 +86,7 @@ HX_HD_INLINE bool is_greedy(float temperature) { return temperature == 0.0f; }
 
 // Finite and >= 0 (NaN and +inf are invalid).
 HX_HD_INLINE bool valid_temperature(float temperature) {
-  return temperature >= 0.0f && temperature <= 3.402823466e38f;
+  return temperature >= 0.0f && temperature <= kFloatMax;
 }
 
 // In (0, 1]; NaN is invalid. 1 disables top-p.
@@ -130,13 +107,13 @@ HX_HD_INLINE bool top_p_active(float top_p) { return top_p < 1.0f; }
 // A logit that makes the row invalid data: NaN or +inf (an overflowed fp16
 // logit has no meaningful probability). -inf is a valid masked token.
 HX_HD_INLINE bool invalid_logit(float logit) {
-  return logit != logit || logit > 3.402823466e38f;
+  return logit != logit || logit > kFloatMax;
 }
 
 // Draft probabilities read in real-q mode must be finite and >= 0. Rows are
 // used as given (not renormalised).
 HX_HD_INLINE bool valid_draft_prob(float q) {
-  return q >= 0.0f && q <= 3.402823466e38f;
+  return q >= 0.0f && q <= kFloatMax;
 }
 
 // ------------------------------------------------------------ row processing
@@ -153,9 +130,6 @@ HX_HD_INLINE bool argmax_better(float logit, int64_t id, float best,
 HX_HD_INLINE bool top_k_keeps(float logit, float kth_largest_logit) {
   return logit >= kth_largest_logit;
 }
-
-HX_HD_INLINE float hx_exp(float x) { return expf(x); }
-HX_HD_INLINE double hx_exp(double x) { return exp(x); }
 
 // Unnormalised softmax weight of a kept token, exp((logit - max) / T), in
 // accumulator precision Acc (float or double). Subtracting in Acc before the

@@ -16,7 +16,6 @@
 #pragma once
 
 #include <cstdint>
-#include <cstring>
 
 #include "core/macros.h"
 
@@ -71,16 +70,6 @@ inline const char* tree_defect_message(TreeDefect defect) {
   return "unknown defect";
 }
 
-HX_HD_INLINE uint32_t float_bits(float value) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(value);
-#else
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  return bits;
-#endif
-}
-
 // Ranking key: rank_key(a, i) > rank_key(b, j) iff a is preferred to b, where
 // NaN counts as -inf, -0.0 equals +0.0, and equal values prefer the lower
 // index. 0 is never a key, so callers can use it as "no candidate". A plain
@@ -90,8 +79,7 @@ HX_HD_INLINE uint64_t rank_key(float value, int64_t index) {
   uint32_t bits = float_bits(value);
   if (value != value) bits = 0xFF800000u;  // NaN -> -inf
   if (value == 0.0f) bits = 0u;            // -0 -> +0
-  // Monotone map of IEEE floats to unsigned integers.
-  bits = (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
+  bits = float_order_key(bits);
   const uint32_t index_part = 0xFFFFFFFFu - static_cast<uint32_t>(index);
   return (static_cast<uint64_t>(bits) << 32) | index_part;
 }

@@ -14,11 +14,10 @@
 #include "build_tree_checks.h"
 #include "core/build_tree.h"
 #include "core/tree.h"
+#include "cpu/common.h"
 
 namespace heterospec {
 namespace {
-
-constexpr int64_t kParallelNodes = 32768;
 
 struct TreeOutputs {
   int64_t* selected;
@@ -128,11 +127,9 @@ void build_tree_out_cpu(const at::Tensor& pool_parents_in, const at::Tensor& poo
                         at::Tensor& depth, at::Tensor& mask, at::Tensor& packed_mask,
                         at::Tensor& first_child, at::Tensor& next_sibling, at::Tensor& retrieve,
                         at::Tensor& num_nodes) {
-  HX_CHECK_DIM(selected, 2);
-  const int64_t n_max = selected.size(1);
-  check_build_tree_args(pool_parents_in, pool_scores_in, pool_tokens_in, top_n_in, n_max);
-  check_build_tree_outputs(pool_parents_in, selected, tokens, parents, depth, mask, packed_mask,
-                           first_child, next_sibling, retrieve, num_nodes);
+  const int64_t n_max = check_build_tree_out_args(
+      pool_parents_in, pool_scores_in, pool_tokens_in, top_n_in, selected, tokens, parents, depth,
+      mask, packed_mask, first_child, next_sibling, retrieve, num_nodes);
   const at::Tensor pool_parents = pool_parents_in.contiguous();
   const at::Tensor pool_scores = pool_scores_in.contiguous();
   const at::Tensor pool_tokens = pool_tokens_in.contiguous();
@@ -151,10 +148,7 @@ void build_tree_out_cpu(const at::Tensor& pool_parents_in, const at::Tensor& poo
                         retrieve.data_ptr<int64_t>(),    num_nodes.data_ptr<int64_t>()};
   std::vector<int64_t> bad_node(static_cast<size_t>(batch), -1);
 
-  // Requests are cheap (O(num_pool)): only fan out when a chunk has real work,
-  // since waking the thread pool costs more than a few small requests.
-  const int64_t grain = std::max<int64_t>(1, kParallelNodes / num_pool);
-  at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch, cpu::request_grain(num_pool), [&](int64_t begin, int64_t end) {
     Scratch scratch;
     for (int64_t b = begin; b < end; ++b) {
       const int64_t* par = par_ptr + b * num_pool;
@@ -174,14 +168,7 @@ void build_tree_out_cpu(const at::Tensor& pool_parents_in, const at::Tensor& poo
     }
   });
 
-  for (int64_t b = 0; b < batch; ++b) {
-    if (bad_node[b] < 0) continue;
-    const int64_t node = bad_node[b];
-    const int64_t* par = par_ptr + b * num_pool;
-    HX_CHECK_VALUE(false, "build_tree: pool_parents of request ", b,
-                   " is not a valid tree: node ", node, " has parent ", par[node], " (",
-                   core::tree_defect_message(core::check_tree_node(par, node)), ")");
-  }
+  cpu::raise_lowest_malformed_tree("build_tree", "pool_parents", bad_node, par_ptr, num_pool);
 }
 
 }  // namespace

@@ -286,10 +286,9 @@ void draft_topk_entropy_out_cpu(const at::Tensor& logits, int64_t k, double temp
                                 at::Tensor& topk_logprobs, at::Tensor& topk_ids,
                                 at::Tensor& topk_entropy, at::Tensor& entropy,
                                 at::Tensor& logsumexp) {
-  const float temperature_f = check_draft_topk_entropy_args(logits, k, temperature);
-  TORCH_CHECK(logits.device().is_cpu(), "logits must be a CPU tensor, got ", logits.device());
-  check_draft_topk_entropy_outs(logits, k, topk_logprobs, topk_ids, topk_entropy, entropy,
-                                logsumexp);
+  const float temperature_f = check_draft_topk_entropy_out_args(
+      logits, k, temperature, c10::DeviceType::CPU, topk_logprobs, topk_ids, topk_entropy, entropy,
+      logsumexp);
   const int64_t rows = logits.size(0);
   if (rows == 0) return;
   const Outputs out{topk_logprobs.data_ptr<float>(), topk_ids.data_ptr<int64_t>(),
@@ -320,10 +319,10 @@ void draft_topk_entropy_out_cpu(const at::Tensor& logits, int64_t k, double temp
 }
 
 }  // namespace
+}  // namespace heterospec
 
 TORCH_LIBRARY_IMPL(heterospec, CPU, m) {
-  m.impl("draft_topk_entropy", &draft_topk_entropy_functional<draft_topk_entropy_out_cpu>);
-  m.impl("draft_topk_entropy_out", &draft_topk_entropy_out_cpu);
+  m.impl("draft_topk_entropy",
+         &heterospec::draft_topk_entropy_functional<heterospec::draft_topk_entropy_out_cpu>);
+  m.impl("draft_topk_entropy_out", &heterospec::draft_topk_entropy_out_cpu);
 }
-
-}  // namespace heterospec

@@ -4,7 +4,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
@@ -20,6 +19,8 @@
 
 #include "check.h"
 #include "core/fused_verify.h"
+#include "core/tree.h"
+#include "cpu/common.h"
 #include "fused_verify_checks.h"
 
 namespace heterospec {
@@ -175,10 +176,8 @@ int64_t draw_from(const std::vector<double>& w, int64_t vocab, double total, flo
 // Raises ValueError for data that does not depend on the walk: the tree, the
 // candidates, the sampling parameters and (sampling requests) the uniforms.
 void validate_request(const RequestView& req, int64_t b, int64_t nodes, int64_t vocab) {
-  const int64_t bad_parent = fv::first_bad_parent(req.parents, nodes);
-  HX_CHECK_VALUE(bad_parent < 0, "parents: request ", b, ": node ", bad_parent,
-                 " has parent ", req.parents[bad_parent < 0 ? 0 : bad_parent],
-                 "; expected -1 for the root and padding, or a real node with a lower index");
+  const int64_t bad_node = core::first_malformed_node(req.parents, nodes);
+  if (bad_node >= 0) cpu::raise_malformed_tree("fused_verify", "parents", b, req.parents, bad_node);
   const int64_t bad_token = fv::first_bad_candidate(req.parents, req.candidates, nodes, vocab);
   HX_CHECK_VALUE(bad_token < 0, "candidates: request ", b, ": node ", bad_token, " has token ",
                  req.candidates[bad_token < 0 ? 0 : bad_token], "; expected a token in [0, ",
@@ -389,32 +388,24 @@ void fused_verify_kernel(const at::Tensor& logits, const at::Tensor& candidates,
   }
 }
 
-// Logits / draft_probs keep their batch and node strides; the vocab dim must
-// be contiguous for the row scans.
-at::Tensor rows_contiguous(const at::Tensor& t) {
-  return t.stride(2) == 1 ? t : t.contiguous();
-}
-
 void fused_verify_out_cpu(const at::Tensor& target_logits, const at::Tensor& candidates,
                           const at::Tensor& parents, const at::Tensor& temperature,
                           const at::Tensor& top_k, const at::Tensor& top_p,
                           const at::Tensor& uniforms, const std::optional<at::Tensor>& draft_probs,
                           at::Tensor& out_tokens, at::Tensor& accepted_nodes,
                           at::Tensor& num_accepted) {
-  check_fused_verify_args(target_logits, candidates, parents, temperature, top_k, top_p,
-                          uniforms, draft_probs);
-  check_fused_verify_outputs(target_logits, out_tokens, accepted_nodes, num_accepted);
+  check_fused_verify_out_args(target_logits, candidates, parents, temperature, top_k, top_p,
+                              uniforms, draft_probs, out_tokens, accepted_nodes, num_accepted);
   const at::Tensor logits = rows_contiguous(target_logits);
   std::optional<at::Tensor> q;
   if (draft_probs.has_value()) q = rows_contiguous(*draft_probs);
-  at::Tensor tok = out_tokens.is_contiguous() ? out_tokens : at::empty_like(out_tokens, at::MemoryFormat::Contiguous);
-  at::Tensor nodes = accepted_nodes.is_contiguous() ? accepted_nodes : at::empty_like(accepted_nodes, at::MemoryFormat::Contiguous);
-  at::Tensor num = num_accepted.is_contiguous() ? num_accepted : at::empty_like(num_accepted, at::MemoryFormat::Contiguous);
+  FusedVerifyOutputs out(out_tokens, accepted_nodes, num_accepted);
   auto run = [&](auto tag) {
     using scalar_t = decltype(tag);
     fused_verify_kernel<scalar_t>(logits, candidates.contiguous(), parents.contiguous(),
                                   temperature.contiguous(), top_k.contiguous(),
-                                  top_p.contiguous(), uniforms.contiguous(), q, tok, nodes, num);
+                                  top_p.contiguous(), uniforms.contiguous(), q, out.out_tokens,
+                                  out.accepted_nodes, out.num_accepted);
   };
   switch (logits.scalar_type()) {
     case at::kFloat: run(float{}); break;
@@ -422,9 +413,7 @@ void fused_verify_out_cpu(const at::Tensor& target_logits, const at::Tensor& can
     case at::kBFloat16: run(c10::BFloat16{}); break;
     default: TORCH_CHECK(false, "target_logits: unsupported dtype ", logits.scalar_type());
   }
-  if (!tok.is_same(out_tokens)) out_tokens.copy_(tok);
-  if (!nodes.is_same(accepted_nodes)) accepted_nodes.copy_(nodes);
-  if (!num.is_same(num_accepted)) num_accepted.copy_(num);
+  out.copy_back(out_tokens, accepted_nodes, num_accepted);
 }
 
 }  // namespace

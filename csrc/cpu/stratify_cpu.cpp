@@ -12,19 +12,18 @@
 
 #include "core/stratify.h"
 #include "core/tree.h"
+#include "cpu/common.h"
 #include "stratify_checks.h"
 
 namespace heterospec {
 namespace {
 
-constexpr int64_t kParallelNodes = 32768;
-
 void stratify_out_cpu(const at::Tensor& step_entropy_in, const at::Tensor& confidence_in,
                       const at::Tensor& parents_in, const at::Tensor& thresholds_in,
                       const at::Tensor& policy_in, at::Tensor& path_entropy, at::Tensor& pstar,
                       at::Tensor& stratum, at::Tensor& extra_depth, at::Tensor& top_n) {
-  check_stratify_args(step_entropy_in, confidence_in, parents_in, thresholds_in, policy_in);
-  check_stratify_outputs(parents_in, path_entropy, pstar, stratum, extra_depth, top_n);
+  check_stratify_out_args(step_entropy_in, confidence_in, parents_in, thresholds_in, policy_in,
+                          path_entropy, pstar, stratum, extra_depth, top_n);
   const at::Tensor step_entropy = step_entropy_in.contiguous();
   const at::Tensor confidence = confidence_in.contiguous();
   const at::Tensor parents = parents_in.contiguous();
@@ -55,10 +54,7 @@ void stratify_out_cpu(const at::Tensor& step_entropy_in, const at::Tensor& confi
   // the error always names the lowest bad request.
   std::vector<int64_t> bad_node(static_cast<size_t>(batch), -1);
 
-  // Requests are cheap (O(num_nodes)): only fan out when a chunk has real work,
-  // since waking the thread pool costs more than a few small requests.
-  const int64_t grain = std::max<int64_t>(1, kParallelNodes / num_nodes);
-  at::parallel_for(0, batch, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, batch, cpu::request_grain(num_nodes), [&](int64_t begin, int64_t end) {
     std::vector<int64_t> path_buffer(static_cast<size_t>(num_nodes));
     for (int64_t b = begin; b < end; ++b) {
       const int64_t* par = parents_ptr + b * num_nodes;
@@ -89,14 +85,7 @@ void stratify_out_cpu(const at::Tensor& step_entropy_in, const at::Tensor& confi
     }
   });
 
-  for (int64_t b = 0; b < batch; ++b) {
-    if (bad_node[b] < 0) continue;
-    const int64_t node = bad_node[b];
-    const int64_t* par = parents_ptr + b * num_nodes;
-    HX_CHECK_VALUE(false, "stratify: parents of request ", b, " is not a valid tree: node ", node,
-                   " has parent ", par[node], " (",
-                   core::tree_defect_message(core::check_tree_node(par, node)), ")");
-  }
+  cpu::raise_lowest_malformed_tree("stratify", "parents", bad_node, parents_ptr, num_nodes);
 }
 
 }  // namespace

@@ -15,28 +15,15 @@
 #include "core/build_tree.h"
 #include "core/tree.h"
 #include "cuda/build_tree.cuh"
+#include "cuda/common.cuh"
 
 namespace heterospec {
+namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kDefaultSharedLimit = 48 * 1024;
-
-__device__ __forceinline__ uint64_t warp_max(uint64_t v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const uint64_t other = __shfl_xor_sync(0xFFFFFFFFu, v, offset);
-    v = other > v ? other : v;
-  }
-  return v;
-}
-
-__device__ __forceinline__ uint64_t warp_sum(uint64_t v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xFFFFFFFFu, v, offset);
-  return v;
-}
 
 __device__ __forceinline__ bool is_taken(const uint32_t* bits, int64_t node) {
   return (bits[node >> 5] >> (node & 31)) & 1u;
@@ -216,4 +203,5 @@ cudaError_t launch_build_tree(const BuildTreeArgs& args, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+}  // namespace cuda
 }  // namespace heterospec

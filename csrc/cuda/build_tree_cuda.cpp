@@ -21,18 +21,16 @@ void build_tree_out_cuda(const at::Tensor& pool_parents_in, const at::Tensor& po
                          at::Tensor& depth, at::Tensor& mask, at::Tensor& packed_mask,
                          at::Tensor& first_child, at::Tensor& next_sibling, at::Tensor& retrieve,
                          at::Tensor& num_nodes) {
-  HX_CHECK_DIM(selected, 2);
-  const int64_t n_max = selected.size(1);
-  check_build_tree_args(pool_parents_in, pool_scores_in, pool_tokens_in, top_n_in, n_max);
-  check_build_tree_outputs(pool_parents_in, selected, tokens, parents, depth, mask, packed_mask,
-                           first_child, next_sibling, retrieve, num_nodes);
+  const int64_t n_max = check_build_tree_out_args(
+      pool_parents_in, pool_scores_in, pool_tokens_in, top_n_in, selected, tokens, parents, depth,
+      mask, packed_mask, first_child, next_sibling, retrieve, num_nodes);
   TORCH_CHECK(pool_parents_in.is_cuda(), "pool_parents must be a CUDA tensor");
   const c10::cuda::OptionalCUDAGuard guard(pool_parents_in.device());
   const at::Tensor pool_parents = pool_parents_in.contiguous();
   const at::Tensor pool_scores = pool_scores_in.contiguous();
   const at::Tensor pool_tokens = pool_tokens_in.contiguous();
   const at::Tensor top_n = top_n_in.contiguous();
-  BuildTreeArgs args{};
+  cuda::BuildTreeArgs args{};
   args.pool_parents = pool_parents.data_ptr<int64_t>();
   args.pool_scores = pool_scores.data_ptr<float>();
   args.pool_tokens = pool_tokens.data_ptr<int64_t>();
@@ -50,10 +48,11 @@ void build_tree_out_cuda(const at::Tensor& pool_parents_in, const at::Tensor& po
   args.next_sibling = next_sibling.data_ptr<int64_t>();
   args.retrieve = retrieve.data_ptr<int64_t>();
   args.num_nodes = num_nodes.data_ptr<int64_t>();
-  const cudaError_t err = launch_build_tree(args, c10::cuda::getCurrentCUDAStream().stream());
+  const cudaError_t err =
+      cuda::launch_build_tree(args, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "build_tree: CUDA launch failed (pool_parents.size(1) = ",
               args.num_pool, ", n_max = ", n_max, " need ",
-              build_tree_shared_bytes(args.num_pool, n_max),
+              cuda::build_tree_shared_bytes(args.num_pool, n_max),
               " bytes of shared memory per block): ", cudaGetErrorString(err));
 }
 

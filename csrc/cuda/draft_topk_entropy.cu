@@ -1,4 +1,6 @@
-// CUDA kernel of draft_topk_entropy: one read of every logit, one launch.
+// CUDA kernel of draft_topk_entropy: one read of every logit, one kernel
+// launch (when rows are split, the binding zeroes the workspace's tickets
+// with a memset before it).
 //
 // Grid: rows * splits CTAs of kThreads threads; CTA (row, split) reads one
 // contiguous chunk of the row with 16-byte loads (scalar head / tail for an
@@ -28,16 +30,17 @@
 #include <cstdint>
 
 #include "core/draft_topk_entropy.h"
+#include "cuda/common.cuh"
 #include "cuda/draft_topk_entropy.cuh"
 
 namespace heterospec {
+namespace cuda {
 namespace {
 
 using core::EntropyState;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kMaxSplits = 32;
 // Register cap (65536 / (256 * 3) -> 80 per thread) so three CTAs fit an SM.
 constexpr int kMinBlocksPerSm = 3;
@@ -156,16 +159,7 @@ __device__ __forceinline__ void offer(WarpTopK<SLOTS>& list, float z, int32_t id
 
 // ------------------------------------------------------------ per-element work
 
-// 2^x with the MUFU unit (flushes denormal inputs / results to 0, which is
-// far below the rounding of a sum that is >= 1).
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
-constexpr float kLog2e = 1.4426950408889634f;
-constexpr float kFloatMax = 3.402823466e38f;
+using core::kFloatMax;
 
 // Descending sort of one float per lane (no NaN) over the warp; returns the
 // value at lane `rank` of the sorted order.
@@ -648,37 +642,38 @@ DraftTopKEntropyPlan plan_draft_topk_entropy(int64_t rows, int64_t vocab, int64_
   return plan;
 }
 
-cudaError_t launch_draft_topk_entropy(const void* logits, core::LogitDType dtype, int64_t rows,
-                                      int64_t vocab, int64_t row_stride, int64_t col_stride,
-                                      int64_t k, float temperature,
-                                      const DraftTopKEntropyPlan& plan, void* workspace,
-                                      float* topk_logprobs, int64_t* topk_ids,
-                                      float* topk_entropy, float* entropy, float* logsumexp,
-                                      cudaStream_t stream) {
+cudaError_t launch_draft_topk_entropy(const DraftTopKEntropyArgs& args, cudaStream_t stream) {
+  const int64_t rows = args.rows, k = args.k;
+  const DraftTopKEntropyPlan& plan = args.plan;
   if (rows == 0) return cudaSuccess;
-  if (k < 1 || k > core::kMaxTopK || k > vocab || plan.splits < 1 ||
+  if (k < 1 || k > core::kMaxTopK || k > args.vocab || plan.splits < 1 ||
       plan.splits > kMaxSplits || rows * plan.splits > INT32_MAX ||
-      (plan.splits > 1 && workspace == nullptr)) {
+      (plan.splits > 1 && args.workspace == nullptr)) {
     return cudaErrorInvalidValue;
   }
   Scaler scale;
-  scale.temperature = temperature;
-  scale.reciprocal = 1.0f / temperature;
-  scale.exact_reciprocal = is_power_of_two(temperature);
-  const Outputs out{topk_logprobs, topk_ids, topk_entropy, entropy, logsumexp};
+  scale.temperature = args.temperature;
+  scale.reciprocal = 1.0f / args.temperature;
+  scale.exact_reciprocal = is_power_of_two(args.temperature);
+  const Outputs out{args.topk_logprobs, args.topk_ids, args.topk_entropy, args.entropy,
+                    args.logsumexp};
   const int k32 = static_cast<int>(k);
-  switch (dtype) {
+  switch (args.dtype) {
     case core::LogitDType::kFloat32:
-      return launch_typed<float>(logits, rows, vocab, row_stride, col_stride, k32, scale,
-                                 plan.splits, workspace, out, stream);
+      return launch_typed<float>(args.logits, rows, args.vocab, args.row_stride,
+                                 args.col_stride, k32, scale, plan.splits, args.workspace, out,
+                                 stream);
     case core::LogitDType::kFloat16:
-      return launch_typed<__half>(logits, rows, vocab, row_stride, col_stride, k32, scale,
-                                  plan.splits, workspace, out, stream);
+      return launch_typed<__half>(args.logits, rows, args.vocab, args.row_stride,
+                                  args.col_stride, k32, scale, plan.splits, args.workspace, out,
+                                  stream);
     case core::LogitDType::kBFloat16:
-      return launch_typed<__nv_bfloat16>(logits, rows, vocab, row_stride, col_stride, k32,
-                                         scale, plan.splits, workspace, out, stream);
+      return launch_typed<__nv_bfloat16>(args.logits, rows, args.vocab, args.row_stride,
+                                         args.col_stride, k32, scale, plan.splits,
+                                         args.workspace, out, stream);
   }
   return cudaErrorInvalidValue;
 }
 
+}  // namespace cuda
 }  // namespace heterospec

@@ -58,6 +58,8 @@
 #include <cstdint>
 
 #include "core/fused_verify.h"
+#include "core/tree.h"
+#include "cuda/common.cuh"
 #include "cuda/fused_verify.cuh"
 
 namespace heterospec {
@@ -69,14 +71,12 @@ namespace cg = cooperative_groups;
 
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
-constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kMaxCluster = 8;
 // Final-draw tiles per CTA (a tile is 32 * tile_mult consecutive vectors).
 constexpr int kMaxTiles = 1024;
 // Fixed-point scale of masses: weights are <= 1, so a row sums to < 2^63.
 constexpr float kFxScale = 1099511627776.0f;  // 2^40
 constexpr double kFxInv = 1.0 / 1099511627776.0;
-constexpr float kLog2e = 1.4426950408889634f;
 // 16-byte vectors in flight per thread in a row sweep: 128 bytes for 16-bit
 // logits; fp32 keeps 64 (8 would spill under the 128-register cap).
 template <typename T>
@@ -84,9 +84,6 @@ constexpr int kSweepUnroll = sizeof(T) == 2 ? 8 : 4;
 
 // ------------------------------------------------------------ dtype traits
 
-__device__ __forceinline__ uint32_t order_key32(uint32_t bits) {
-  return (bits & 0x80000000u) ? ~bits : (bits | 0x80000000u);
-}
 __device__ __forceinline__ uint32_t order_key16(uint32_t bits) {
   return (bits & 0x8000u) ? (~bits & 0xffffu) : (bits | 0x8000u);
 }
@@ -111,7 +108,7 @@ struct Traits<float> {
   __device__ static void load_vec(const float* p, float (&out)[kVec]) {
     decode(__ldg(reinterpret_cast<const uint4*>(p)), out);
   }
-  __device__ static uint32_t key(float x) { return order_key32(__float_as_uint(x)); }
+  __device__ static uint32_t key(float x) { return core::float_order_key(__float_as_uint(x)); }
   __device__ static float from_key(uint32_t k) {
     return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
   }
@@ -271,12 +268,6 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 
 // --------------------------------------------------------------- weights
 
-__device__ __forceinline__ float fast_exp2(float x) {
-  float y;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
-  return y;
-}
-
 // exp((l - max) / T) as exp2((l - max) * c), c = log2(e) / T. l == max gives
 // exactly 1 (also when c overflows for a tiny T); -inf gives 0.
 __device__ __forceinline__ float weight_of(float l, float max_logit, float c) {
@@ -405,12 +396,6 @@ struct OrI {
 struct MaxI64 {
   __device__ long long operator()(long long a, long long b) const { return a > b ? a : b; }
 };
-
-__device__ __forceinline__ unsigned long long warp_sum_u64(unsigned long long v) {
-#pragma unroll
-  for (int m = 16; m > 0; m >>= 1) v += __shfl_xor_sync(kFullMask, v, m);
-  return v;
-}
 
 __device__ __forceinline__ unsigned long long warp_incl_scan_u64(unsigned long long v) {
   const int lane = threadIdx.x & 31;
@@ -655,7 +640,7 @@ __device__ long long draw_token(const RowView<T>& row, int64_t vbeg, int64_t ven
 #pragma unroll
     for (int k = 0; k < kTilesInFlight; ++k) {
       const int g = g0 + k * kWarps;
-      const unsigned long long tile_sum = warp_sum_u64(acc[k]);  // whole warp
+      const unsigned long long tile_sum = warp_sum(acc[k]);  // whole warp
       if (lane == 0 && g < n_tiles) sm.tile_total[g] = tile_sum;
     }
   }
@@ -774,8 +759,16 @@ struct TreeSmem {
   int* rejected;  // [N] rejected tokens at the current node
 };
 
+// The kernel's parameters: the caller's arguments plus what the launcher
+// decides per launch.
+struct LaunchArgs : FusedVerifyArgs {
+  // Prefetch the rows of the current node's children into L2 while the node
+  // is decided (only when the batch leaves most of the memory bandwidth idle).
+  int prefetch_children;
+};
+
 template <typename T, int kCluster>
-__device__ __forceinline__ void fused_verify_body(const FusedVerifyArgs& args) {
+__device__ __forceinline__ void fused_verify_body(const LaunchArgs& args) {
   __shared__ SharedState sm;
   extern __shared__ int dyn_smem[];
   const int64_t n = args.nodes, vocab = args.vocab;
@@ -796,17 +789,12 @@ __device__ __forceinline__ void fused_verify_body(const FusedVerifyArgs& args) {
   const bool greedy = hv::is_greedy(temperature);
   const bool real_q = args.draft_probs != nullptr;
 
-  // ---- walk-independent validation (same rules as first_bad_parent /
-  // first_bad_candidate, one node per thread).
+  // ---- walk-independent validation (same rules as core::first_malformed_node
+  // and first_bad_candidate, one node per thread).
   int bad = !hv::valid_temperature(temperature) || !hv::valid_top_p(top_p);
   for (int64_t i = threadIdx.x; i < n; i += kThreads) {
     const int64_t p = parents_g[i];
-    bool ok;
-    if (i == 0) {
-      ok = p == -1;
-    } else {
-      ok = p == -1 || (p >= 0 && p < i && hv::is_real_node(parents_g, p));
-    }
+    bool ok = core::check_tree_node(parents_g, i) == core::TreeDefect::kNone;
     const bool real = i > 0 && p >= 0;
     const int64_t tok = cand_g[i];
     if (real && (tok < 0 || tok >= vocab)) ok = false;
@@ -1082,7 +1070,7 @@ __device__ __forceinline__ void fused_verify_body(const FusedVerifyArgs& args) {
 
 template <typename T, int kCluster>
 __global__ void __launch_bounds__(kThreads, 1)
-    fused_verify_kernel(const FusedVerifyArgs args) {
+    fused_verify_kernel(const LaunchArgs args) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
   // Clusters need sm_90; the launcher never picks them on older devices.
   if constexpr (kCluster > 1) {
@@ -1095,32 +1083,25 @@ __global__ void __launch_bounds__(kThreads, 1)
 #endif
 }
 
-struct DeviceInfo {
-  int major = -1;
-  int sms = 0;
-};
-
+// The current device's attributes; all zero when they cannot be read, which
+// picks the plain launch (no clusters, no prefetch).
 DeviceInfo device_info() {
-  static DeviceInfo cache[64];
   int dev = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return DeviceInfo{};
-  DeviceInfo& info = cache[dev];
-  if (info.major < 0) {
-    int major = 0, sms = 0;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    info.sms = sms;
-    info.major = major;
-  }
+  if (cudaGetDevice(&dev) != cudaSuccess) return DeviceInfo{};
+  DeviceInfo info;
+  (void)cached_device_info(dev, &info);
   return info;
 }
 
 template <typename T, int kCluster>
-cudaError_t launch_with(FusedVerifyArgs args, size_t dyn_smem, cudaStream_t stream) {
+cudaError_t launch_with(const FusedVerifyArgs& caller_args, size_t dyn_smem,
+                        cudaStream_t stream) {
   // Child-row prefetch costs extra DRAM reads (every child of a visited node,
   // not only the accepted one): only worth it while the grid covers at most
   // half of the SMs, i.e. the walk is latency-bound.
   const DeviceInfo info = device_info();
+  LaunchArgs args;
+  static_cast<FusedVerifyArgs&>(args) = caller_args;
   args.prefetch_children = args.batch * kCluster * 2 <= info.sms ? 1 : 0;
   auto kernel = fused_verify_kernel<T, kCluster>;
   // The default dynamic limit is 48 KiB minus the static SharedState; opt in

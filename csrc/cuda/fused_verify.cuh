@@ -1,4 +1,4 @@
-// Launcher of the fused_verify CUDA kernel (torch-free; see fused_verify.cu).
+// Torch-free launcher of the fused_verify CUDA kernel (see csrc/cuda/fused_verify.cu).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -40,10 +40,6 @@ struct FusedVerifyArgs {
   int64_t batch;
   int64_t nodes;
   int64_t vocab;
-  // Set by the launcher (callers leave it 0): prefetch the rows of the
-  // current node's children into L2 while the node is decided (only when the
-  // batch leaves most of the memory bandwidth idle).
-  int prefetch_children;
 };
 
 // One launch on `stream`, no host synchronisation, no allocation. Returns the

@@ -1,10 +1,9 @@
-// CUDA bindings of fused_verify: argument checks shared with the CPU kernel
-// (fused_verify_checks.h), device guard, current stream, one launch.
+// CUDA binding of fused_verify / fused_verify_out: the checks shared with the
+// CPU binding (fused_verify_checks.h), device guard, current stream, one launch.
 // Data-dependent errors never sync to raise: the kernel writes the sentinel
 // (num_accepted 0, every slot -1) for that request instead.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -20,30 +19,14 @@
 namespace heterospec {
 namespace {
 
-// The kernel reads rows through their batch / node strides; the vocab dim
-// must be contiguous.
-at::Tensor rows_contiguous(const at::Tensor& t) {
-  return t.stride(2) == 1 ? t : t.contiguous();
-}
-
-core::LogitDType logit_dtype(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return core::LogitDType::kFloat32;
-    case at::kHalf: return core::LogitDType::kFloat16;
-    case at::kBFloat16: return core::LogitDType::kBFloat16;
-    default: TORCH_CHECK(false, "target_logits: unsupported dtype ", t.scalar_type());
-  }
-}
-
 void fused_verify_out_cuda(const at::Tensor& target_logits, const at::Tensor& candidates,
                            const at::Tensor& parents, const at::Tensor& temperature,
                            const at::Tensor& top_k, const at::Tensor& top_p,
                            const at::Tensor& uniforms,
                            const std::optional<at::Tensor>& draft_probs, at::Tensor& out_tokens,
                            at::Tensor& accepted_nodes, at::Tensor& num_accepted) {
-  check_fused_verify_args(target_logits, candidates, parents, temperature, top_k, top_p,
-                          uniforms, draft_probs);
-  check_fused_verify_outputs(target_logits, out_tokens, accepted_nodes, num_accepted);
+  check_fused_verify_out_args(target_logits, candidates, parents, temperature, top_k, top_p,
+                              uniforms, draft_probs, out_tokens, accepted_nodes, num_accepted);
   TORCH_CHECK(target_logits.is_cuda(), "target_logits must be a CUDA tensor, got ",
               target_logits.device());
   const int64_t batch = target_logits.size(0);
@@ -64,16 +47,7 @@ void fused_verify_out_cuda(const at::Tensor& target_logits, const at::Tensor& ca
   const at::Tensor k = top_k.contiguous();
   const at::Tensor p = top_p.contiguous();
   const at::Tensor u = uniforms.contiguous();
-  // Outputs: written in place when contiguous, else through a temporary.
-  at::Tensor tok = out_tokens.is_contiguous()
-                       ? out_tokens
-                       : at::empty_like(out_tokens, at::MemoryFormat::Contiguous);
-  at::Tensor node = accepted_nodes.is_contiguous()
-                        ? accepted_nodes
-                        : at::empty_like(accepted_nodes, at::MemoryFormat::Contiguous);
-  at::Tensor num = num_accepted.is_contiguous()
-                       ? num_accepted
-                       : at::empty_like(num_accepted, at::MemoryFormat::Contiguous);
+  FusedVerifyOutputs out(out_tokens, accepted_nodes, num_accepted);
   // Real-q residual rows p' (sized from shapes only; fully rewritten before use).
   at::Tensor workspace;
   if (q.has_value()) workspace = at::empty({batch, vocab}, logits.options().dtype(at::kFloat));
@@ -82,7 +56,7 @@ void fused_verify_out_cuda(const at::Tensor& target_logits, const at::Tensor& ca
   args.logits = logits.const_data_ptr();
   args.logits_stride_b = logits.stride(0);
   args.logits_stride_n = logits.stride(1);
-  args.dtype = logit_dtype(logits);
+  args.dtype = logit_dtype(logits, "target_logits");
   args.candidates = cand.const_data_ptr<int64_t>();
   args.parents = par.const_data_ptr<int64_t>();
   args.temperature = temp.const_data_ptr<float>();
@@ -93,21 +67,18 @@ void fused_verify_out_cuda(const at::Tensor& target_logits, const at::Tensor& ca
   args.draft_stride_b = q.has_value() ? q->stride(0) : 0;
   args.draft_stride_n = q.has_value() ? q->stride(1) : 0;
   args.workspace = q.has_value() ? workspace.mutable_data_ptr<float>() : nullptr;
-  args.out_tokens = tok.mutable_data_ptr<int64_t>();
-  args.accepted_nodes = node.mutable_data_ptr<int64_t>();
-  args.num_accepted = num.mutable_data_ptr<int64_t>();
+  args.out_tokens = out.out_tokens.mutable_data_ptr<int64_t>();
+  args.accepted_nodes = out.accepted_nodes.mutable_data_ptr<int64_t>();
+  args.num_accepted = out.num_accepted.mutable_data_ptr<int64_t>();
   args.batch = batch;
   args.nodes = nodes;
   args.vocab = vocab;
 
   const cudaError_t err =
       cuda::launch_fused_verify(args, c10::cuda::getCurrentCUDAStream().stream());
-  TORCH_CHECK(err == cudaSuccess, "fused_verify: CUDA kernel launch failed: ",
+  TORCH_CHECK(err == cudaSuccess, "fused_verify: CUDA launch failed: ",
               cudaGetErrorString(err));
-
-  if (!tok.is_same(out_tokens)) out_tokens.copy_(tok);
-  if (!node.is_same(accepted_nodes)) accepted_nodes.copy_(node);
-  if (!num.is_same(num_accepted)) num_accepted.copy_(num);
+  out.copy_back(out_tokens, accepted_nodes, num_accepted);
 }
 
 }  // namespace

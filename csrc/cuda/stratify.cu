@@ -8,9 +8,11 @@
 
 #include "core/stratify.h"
 #include "core/tree.h"
+#include "cuda/common.cuh"
 #include "cuda/stratify.cuh"
 
 namespace heterospec {
+namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
@@ -18,15 +20,6 @@ constexpr int kWarps = kThreads / 32;
 // Path levels summed per chunk; deeper paths take extra passes (see
 // core::path_entropy), never extra memory.
 constexpr int64_t kPathCapacity = 512;
-
-__device__ __forceinline__ uint64_t warp_max(uint64_t v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const uint64_t other = __shfl_xor_sync(0xFFFFFFFFu, v, offset);
-    v = other > v ? other : v;
-  }
-  return v;
-}
 
 __global__ void __launch_bounds__(kThreads)
     stratify_kernel(const float* __restrict__ step_entropy, const float* __restrict__ confidence,
@@ -77,18 +70,15 @@ __global__ void __launch_bounds__(kThreads)
 
 }  // namespace
 
-cudaError_t launch_stratify(const float* step_entropy, const float* confidence,
-                            const int64_t* parents, const float* thresholds,
-                            const int64_t* policy, int64_t batch, int64_t num_nodes,
-                            int64_t num_thresholds, float* path_entropy, int64_t* pstar,
-                            int64_t* stratum, int64_t* extra_depth, int64_t* top_n,
-                            cudaStream_t stream) {
-  if (batch == 0) return cudaSuccess;
-  if (batch > 0x7FFFFFFF) return cudaErrorInvalidValue;
-  stratify_kernel<<<static_cast<unsigned>(batch), kThreads, 0, stream>>>(
-      step_entropy, confidence, parents, thresholds, policy, num_nodes, num_thresholds,
-      path_entropy, pstar, stratum, extra_depth, top_n);
+cudaError_t launch_stratify(const StratifyArgs& args, cudaStream_t stream) {
+  if (args.batch == 0) return cudaSuccess;
+  if (args.batch > 0x7FFFFFFF) return cudaErrorInvalidValue;
+  stratify_kernel<<<static_cast<unsigned>(args.batch), kThreads, 0, stream>>>(
+      args.step_entropy, args.confidence, args.parents, args.thresholds, args.policy,
+      args.num_nodes, args.num_thresholds, args.path_entropy, args.pstar, args.stratum,
+      args.extra_depth, args.top_n);
   return cudaGetLastError();
 }
 
+}  // namespace cuda
 }  // namespace heterospec

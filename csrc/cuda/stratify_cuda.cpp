@@ -18,8 +18,8 @@ void stratify_out_cuda(const at::Tensor& step_entropy_in, const at::Tensor& conf
                        const at::Tensor& parents_in, const at::Tensor& thresholds_in,
                        const at::Tensor& policy_in, at::Tensor& path_entropy, at::Tensor& pstar,
                        at::Tensor& stratum, at::Tensor& extra_depth, at::Tensor& top_n) {
-  check_stratify_args(step_entropy_in, confidence_in, parents_in, thresholds_in, policy_in);
-  check_stratify_outputs(parents_in, path_entropy, pstar, stratum, extra_depth, top_n);
+  check_stratify_out_args(step_entropy_in, confidence_in, parents_in, thresholds_in, policy_in,
+                          path_entropy, pstar, stratum, extra_depth, top_n);
   TORCH_CHECK(parents_in.is_cuda(), "parents must be a CUDA tensor");
   const c10::cuda::OptionalCUDAGuard guard(parents_in.device());
   const at::Tensor step_entropy = step_entropy_in.contiguous();
@@ -27,12 +27,22 @@ void stratify_out_cuda(const at::Tensor& step_entropy_in, const at::Tensor& conf
   const at::Tensor parents = parents_in.contiguous();
   const at::Tensor thresholds = thresholds_in.contiguous();
   const at::Tensor policy = policy_in.contiguous();
-  const cudaError_t err = launch_stratify(
-      step_entropy.data_ptr<float>(), confidence.data_ptr<float>(), parents.data_ptr<int64_t>(),
-      thresholds.data_ptr<float>(), policy.data_ptr<int64_t>(), parents.size(0),
-      parents.size(1), thresholds.size(0), path_entropy.data_ptr<float>(),
-      pstar.data_ptr<int64_t>(), stratum.data_ptr<int64_t>(), extra_depth.data_ptr<int64_t>(),
-      top_n.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream().stream());
+  cuda::StratifyArgs args{};
+  args.step_entropy = step_entropy.const_data_ptr<float>();
+  args.confidence = confidence.const_data_ptr<float>();
+  args.parents = parents.const_data_ptr<int64_t>();
+  args.thresholds = thresholds.const_data_ptr<float>();
+  args.policy = policy.const_data_ptr<int64_t>();
+  args.batch = parents.size(0);
+  args.num_nodes = parents.size(1);
+  args.num_thresholds = thresholds.size(0);
+  args.path_entropy = path_entropy.mutable_data_ptr<float>();
+  args.pstar = pstar.mutable_data_ptr<int64_t>();
+  args.stratum = stratum.mutable_data_ptr<int64_t>();
+  args.extra_depth = extra_depth.mutable_data_ptr<int64_t>();
+  args.top_n = top_n.mutable_data_ptr<int64_t>();
+  const cudaError_t err =
+      cuda::launch_stratify(args, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "stratify: CUDA launch failed: ", cudaGetErrorString(err));
 }
 

@@ -467,6 +467,7 @@ COMMANDS = {"generate": _cmd_generate, "calibrate": _cmd_calibrate,
 def main(argv=None) -> int:
     """Run one command; returns the exit status (0 ok, 2 bad usage or input, 130 interrupted).
     Errors the driver raises on purpose print one line; anything else is a bug and raises."""
+    from .driver_extra import missing_extra_message
     from .errors import HeteroSpecError
 
     try:
@@ -474,6 +475,10 @@ def main(argv=None) -> int:
             args = build_parser().parse_args(argv)
         except SystemExit as exc:  # --help (0) or argparse's one-line error (2), already printed
             return exc.code
+        missing_extra = missing_extra_message()
+        if missing_extra:
+            print(f"heterospec: error: {missing_extra}", file=sys.stderr)
+            return EXIT_USAGE
         check_args(args)
         return COMMANDS[args.command](args)
     except (HeteroSpecError, OSError) as exc:  # bad input, missing or unwritable files

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 # oneDNN / MKL choose their blocking for this many rows; measured best for 1..64-row forwards
-# (bench/bench_lean_decode.py).
+# (bench/micro/bench_lean_decode.py).
 PACK_ROWS = 16
 
 

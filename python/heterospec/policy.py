@@ -33,6 +33,9 @@ POLICY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "policies"
 DEFAULT_POLICY_FILE = os.path.join(POLICY_DIR, "smollm2-135m-int8.json")
 # fitted for SmolLM2-135M-Instruct with the shipped trained EAGLE-3 head (heads/)
 EAGLE3_POLICY_FILE = os.path.join(POLICY_DIR, "smollm2-135m-eagle3.json")
+# the same strata with each stratum's (extra depth, top-N) chosen for this CPU's measured costs
+# (`heterospec calibrate --cost-aware-out`); `heterospec bench --cost-policy` runs it as 'cost'
+EAGLE3_COST_POLICY_FILE = os.path.join(POLICY_DIR, "smollm2-135m-eagle3-cost.json")
 
 
 def _check_tree(depth: int, top_k: int, total_tokens: int):

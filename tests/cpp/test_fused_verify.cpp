@@ -23,26 +23,6 @@ TEST(FusedVerifyTree, ChildrenInIndexOrderSkippingOtherParentsAndPadding) {
   EXPECT_EQ(fv::next_child(p, 7, 0, 5), fv::kNoNode);
   EXPECT_EQ(fv::next_child(p, 7, 3, 3), 6);
   EXPECT_EQ(fv::next_child(p, 7, 6, 6), fv::kNoNode);
-  EXPECT_TRUE(fv::is_real_node(p, 0));
-  EXPECT_FALSE(fv::is_real_node(p, 4));
-  EXPECT_TRUE(fv::is_real_node(p, 6));
-}
-
-TEST(FusedVerifyTree, ValidatesParents) {
-  int64_t ok[] = {-1, 0, 0, 1, -1, 2};
-  EXPECT_EQ(fv::first_bad_parent(ok, 6), -1);
-  int64_t root_only[] = {-1};
-  EXPECT_EQ(fv::first_bad_parent(root_only, 1), -1);
-  int64_t root_parent[] = {0, 0};
-  EXPECT_EQ(fv::first_bad_parent(root_parent, 2), 0);
-  int64_t self[] = {-1, 0, 2};
-  EXPECT_EQ(fv::first_bad_parent(self, 3), 2);
-  int64_t forward[] = {-1, 2, 0};
-  EXPECT_EQ(fv::first_bad_parent(forward, 3), 1);
-  int64_t below[] = {-1, 0, -3};
-  EXPECT_EQ(fv::first_bad_parent(below, 3), 2);
-  int64_t padding_parent[] = {-1, -1, 1};
-  EXPECT_EQ(fv::first_bad_parent(padding_parent, 3), 2);
 }
 
 TEST(FusedVerifyTree, ValidatesCandidatesOfRealNonRootNodesOnly) {

@@ -9,6 +9,8 @@
 
 using heterospec::core::check_tree_node;
 using heterospec::core::first_malformed_node;
+using heterospec::core::float_order_key;
+using heterospec::core::is_real_node;
 using heterospec::core::rank_key;
 using heterospec::core::rank_key_index;
 using heterospec::core::TreeDefect;
@@ -31,6 +33,39 @@ TEST(Tree, FindsEachDefect) {
   const std::vector<int64_t> under_padding = {-1, -1, 1};
   EXPECT_EQ(first_malformed_node(under_padding.data(), 3), 2);
   EXPECT_EQ(check_tree_node(under_padding.data(), 2), TreeDefect::kParentIsPadding);
+}
+
+// The cases fused_verify's own validator (now first_malformed_node) was tested with.
+TEST(Tree, ReportsTheLowestMalformedNode) {
+  const std::vector<int64_t> ok = {-1, 0, 0, 1, -1, 2};
+  EXPECT_EQ(first_malformed_node(ok.data(), 6), -1);
+  const std::vector<int64_t> root_parent = {0, 0};
+  EXPECT_EQ(first_malformed_node(root_parent.data(), 2), 0);
+  const std::vector<int64_t> forward = {-1, 2, 0};
+  EXPECT_EQ(first_malformed_node(forward.data(), 3), 1);
+  const std::vector<int64_t> below = {-1, 0, -3};
+  EXPECT_EQ(first_malformed_node(below.data(), 3), 2);
+  // A node under a parent whose own parent is below -1: the parent is the lowest bad node.
+  const std::vector<int64_t> under_bad = {-1, -5, 1};
+  EXPECT_EQ(first_malformed_node(under_bad.data(), 3), 1);
+}
+
+TEST(Tree, RealNodesAreTheRootAndNodesWithAParent) {
+  //                                 0  1  2  3   4  5  6
+  const std::vector<int64_t> p = {-1, 0, 0, 1, -1, 0, 3};
+  EXPECT_TRUE(is_real_node(p.data(), 0));
+  EXPECT_FALSE(is_real_node(p.data(), 4));
+  EXPECT_TRUE(is_real_node(p.data(), 6));
+}
+
+TEST(Tree, FloatOrderKeyIsMonotone) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float values[] = {-inf, -3.4e38f, -1.0f, -1e-45f, -0.0f, 0.0f, 1e-45f, 1.0f, 3.4e38f, inf};
+  for (size_t i = 0; i + 1 < sizeof(values) / sizeof(values[0]); ++i) {
+    EXPECT_LT(float_order_key(heterospec::core::float_bits(values[i])),
+              float_order_key(heterospec::core::float_bits(values[i + 1])))
+        << values[i] << " vs " << values[i + 1];
+  }
 }
 
 TEST(Tree, RankKeyOrdersByValueThenLowerIndex) {

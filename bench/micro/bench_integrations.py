@@ -23,11 +23,11 @@ tokens). Sampling uses T = 0.7, top-k 50, top-p 0.9; V = 151936 (Qwen2.5's vocab
 
 CPU (pytest-benchmark; 2 threads, or HX_BENCH_THREADS of them):
 
-    PYTHONPATH=. python -m pytest -q bench/bench_integrations.py
-    HX_BENCH_THREADS=1 PYTHONPATH=. python -m pytest -q bench/bench_integrations.py
+    PYTHONPATH=. python -m pytest -q bench/micro/bench_integrations.py
+    HX_BENCH_THREADS=1 PYTHONPATH=. python -m pytest -q bench/micro/bench_integrations.py
 
-GPU: ``gpu_cases(device)``, run by ``python bench/gpu_bench.py --ops integrations`` (not part of
-gpu_check.sh's default op list, whose time budget it would exceed).
+GPU: ``gpu_cases(device)``, run by ``python bench/tools/gpu_bench.py --ops integrations`` (not
+part of gpu_check.sh's default op list, whose time budget it would exceed).
 """
 import pytest
 import torch

@@ -4,7 +4,7 @@ CPU (pytest-benchmark, 2 threads): N = 64 draft nodes per request, V = 128256, B
 requests (rows = B * 64), fp32 and bf16, k = 10 (EAGLE's top_k). Each case is its own
 benchmark group so the fused op and the composition sit side by side:
 
-    PYTHONPATH=. python -m pytest -q bench/bench_draft_topk_entropy.py
+    PYTHONPATH=. python -m pytest -q bench/micro/bench_draft_topk_entropy.py
 
 GPU: ``gpu_cases(device)`` returns the cases the GPU benchmark script times.
 """

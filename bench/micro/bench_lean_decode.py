@@ -3,7 +3,7 @@ level, and our AR loop against plain HF ``generate``.
 
 As a script (the numbers in bench/RESULTS.md)::
 
-    python bench/bench_lean_decode.py --threads 2 --out lean_decode.json
+    python bench/micro/bench_lean_decode.py --threads 2 --out lean_decode.json
 
 1. **Verify-cost curve.** One tree forward of N = 1..64 nodes (a chain mask) after a
    ``--prefix``-token context, for the lean verifier and the HF module (``dynamic``), in
@@ -26,7 +26,7 @@ import time
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _import_heterospec():
@@ -184,15 +184,11 @@ def main(argv=None):
 
 
 def test_tree_verify_lean_vs_hf_module(benchmark):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     hs = _import_heterospec()
+    from heterospec.testing import tiny_llama
     from heterospec.verifier import make_verifier
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
-    target = hs.CausalLM(LlamaForCausalLM(cfg).eval())
+    target = hs.CausalLM(tiny_llama(vocab=256, hidden=64))
     prefix = torch.arange(40) % 256
     toks = torch.arange(16) + 7
     lean, dyn = make_verifier(target, "lean"), make_verifier(target, "dynamic")

@@ -1,11 +1,28 @@
-"""What the engine adapters' statistical tests share: a target whose law over the first two
-generated tokens is known exactly, and the assertion that observed counts match such a law
-(chi-square p > 1e-3) while being precise enough to reject a law 1% away in total variation
-(p < 1e-3), so that a pass is not a matter of too few samples."""
+"""Statistical checks of the sampling paths: a chi-square p-value, a target whose law over the
+first two generated tokens is known exactly, and the assertion that observed counts match such a
+law (p > 1e-3) while being precise enough to reject a law 1% away in total variation
+(p < 1e-3), so that a pass is not a matter of too few samples. Needs scipy."""
 import torch
 
 from heterospec_ext.reference import _fv_target_probs as processed_probs
-from test_fused_verify_stats import chi_square
+
+
+def chi_square(counts: torch.Tensor, expected_probs: torch.Tensor, total: int) -> float:
+    """Chi-square p-value of ``counts`` (any shape, integer) against ``expected_probs`` (same
+    shape, float64, summing to 1) over ``total`` draws, pooling cells with expected count < 5
+    into one cell. Fails if an outcome of probability 0 was observed."""
+    from scipy import stats
+
+    expected = expected_probs.flatten() * total
+    observed = counts.flatten().double()
+    assert float(observed[expected == 0].sum()) == 0, "a zero-probability outcome was emitted"
+    small = expected < 5
+    obs = torch.cat([observed[~small], observed[small].sum().reshape(1)])
+    exp = torch.cat([expected[~small], expected[small].sum().reshape(1)])
+    keep = exp > 0
+    obs, exp = obs[keep], exp[keep]
+    return float(stats.chisquare(obs.numpy(), exp.numpy() * obs.sum().item() / exp.sum().item())
+                 .pvalue)
 
 
 class TokenPathTarget:
@@ -29,6 +46,8 @@ class TokenPathTarget:
 
 
 def assert_matches_exact_law(counts: torch.Tensor, law: torch.Tensor, trials: int) -> None:
+    """``counts`` match ``law`` (p > 1e-3) and would not match it with 0.01 of mass moved
+    between its two likeliest outcomes (p < 1e-3)."""
     assert chi_square(counts, law, trials) > 1e-3
     shifted = law.flatten().clone()
     top2 = torch.topk(shifted, 2).indices

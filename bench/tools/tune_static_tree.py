@@ -1,6 +1,6 @@
 """Tune the static EAGLE tree (depth, top_k, total tokens) for this machine.
 
-    python bench/tune_static_tree.py --draft eagle3:DIR --out tuning.json \
+    python bench/tools/tune_static_tree.py --draft eagle3:DIR --out tuning.json \
         [--prompts 4 --offset 2000 --max-new-tokens 64 --threads 2]
 
 Decodes ShareGPT first human turns (an offset past the draft's training conversations and the
@@ -15,7 +15,7 @@ import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None):
@@ -102,7 +102,7 @@ def main(argv=None):
     meta = {"draft": args.draft, "dtype": str(target.dtype).replace("torch.", ""),
             "prompts": args.prompts, "offset": args.offset,
             "max_new_tokens": n, "threads": args.threads, "seconds": round(time.time() - t0, 1),
-            "command": "python bench/tune_static_tree.py " + " ".join(sys.argv[1:])}
+            "command": "python bench/tools/tune_static_tree.py " + " ".join(sys.argv[1:])}
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"config": meta, "results": results}, f, indent=1)

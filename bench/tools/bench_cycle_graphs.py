@@ -15,8 +15,8 @@ fused_verify, compaction, draft commit); the verify step alone is timed too. CUD
 warm-up cycles dropped, medians. The draft step is eager in every mode (only the target is
 captured). Estimated (not yet run on a GPU): about 17 GB of GPU memory, under 90 s on an H100.
 
-    python bench/bench_cycle_graphs.py --out cycle_graphs.json
-    python bench/bench_cycle_graphs.py --small        # tiny config on CPU, eager only (smoke test)
+    python bench/tools/bench_cycle_graphs.py --out cycle_graphs.json
+    python bench/tools/bench_cycle_graphs.py --small  # tiny config on CPU, eager only (smoke test)
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import time
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
+ROOT = os.path.dirname(os.path.dirname(HERE))
 for path in (ROOT, os.path.join(ROOT, "python")):
     if path not in sys.path:
         sys.path.insert(0, path)

@@ -2,9 +2,9 @@
 
 Run on a machine with a CUDA GPU (bench/gpu_check.sh does):
 
-    python bench/gpu_bench.py --out results.json
+    python bench/tools/gpu_bench.py --out results.json
 
-Each bench/bench_<op>.py provides ``gpu_cases(device)``: a list of dicts with ``name``,
+Each bench/micro/bench_<op>.py provides ``gpu_cases(device)``: a list of dicts with ``name``,
 ``fused`` and ``composition`` (zero-argument callables) and ``bytes`` (what any implementation
 must read). Each callable is timed by replaying a CUDA graph of ``--graph-calls`` back-to-back
 calls (launch overhead excluded, as in a captured decode step); callables that cannot be captured
@@ -21,15 +21,16 @@ import time
 
 import torch
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+# The microbenchmarks, whose gpu_cases() this script times.
+MICRO = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "micro")
 OPS = ("draft_topk_entropy", "stratify", "build_tree", "fused_verify")
 
 
 def load_bench_module(op):
-    path = os.path.join(HERE, f"bench_{op}.py")
+    path = os.path.join(MICRO, f"bench_{op}.py")
     spec = importlib.util.spec_from_file_location(f"bench_{op}", path)
     mod = importlib.util.module_from_spec(spec)
-    sys.path.insert(0, HERE)
+    sys.path.insert(0, MICRO)  # bench modules import each other's compositions
     try:
         spec.loader.exec_module(mod)
     finally:

@@ -8,7 +8,7 @@ about 8100 tokens (within its 8192 context), and for each mode
 * sends itself SIGINT ``--delays`` seconds into fresh prefills and reports how long after the
   signal the KeyboardInterrupt arrived.
 
-    python bench/ctrl_c_latency.py --threads 2
+    python bench/tools/ctrl_c_latency.py --threads 2
 
 Writes a markdown table to stdout (for bench/RESULTS.md)."""
 import argparse
@@ -20,7 +20,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "python"))
 import heterospec as hs  # noqa: E402
 from heterospec.target import PREFILL_CHUNK  # noqa: E402
 

@@ -10,7 +10,7 @@ accepted (6 visited rows out of N = 64), a typical EAGLE acceptance depth.
 
 CPU (pytest-benchmark, 2 threads): N = 64, V = 128256, B in {1, 8}, fp32 and bf16:
 
-    PYTHONPATH=. python -m pytest -q bench/bench_fused_verify.py
+    PYTHONPATH=. python -m pytest -q bench/micro/bench_fused_verify.py
 
 GPU: ``gpu_cases(device)`` returns the cases the GPU benchmark script times.
 """

@@ -2,7 +2,7 @@
 
 As a script (the numbers in bench/RESULTS.md)::
 
-    python bench/bench_e2e.py [heterospec bench flags...]
+    python bench/micro/bench_e2e.py [heterospec bench flags...]
     # = heterospec bench --threads 2 --prompts-per-set 2 --max-new-tokens 64 --repeats 3
 
 runs AR, the static tree, HeteroSpec and HF assisted generation (same int8 draft) on real
@@ -16,7 +16,7 @@ import sys
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEFAULT_ARGS = ["--threads", "2", "--prompts-per-set", "2", "--max-new-tokens", "64",
                 "--repeats", "3"]
 
@@ -31,14 +31,11 @@ def _import_heterospec():
 
 
 def test_e2e_tiny_decode(benchmark):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     hs = _import_heterospec()
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, attn_implementation="eager")
-    target = hs.CausalLM(LlamaForCausalLM(cfg).eval())
-    draft = hs.CausalLM(LlamaForCausalLM(cfg).eval())
+    from heterospec.testing import tiny_llama
+
+    target = hs.CausalLM(tiny_llama(vocab=64, seed=0))
+    draft = hs.CausalLM(tiny_llama(vocab=64, seed=1))
     gen = hs.SpeculativeGenerator(target, hs.ModelDrafter(draft, top_k=3),
                                   hs.HeteroSpec(depth=3, top_k=3, total_tokens=10))
     ref = hs.autoregressive_generate(target, [1, 2, 3], 16).token_ids
