@@ -10,7 +10,11 @@ As a script (the numbers in bench/RESULTS.md)::
    bfloat16 and float32; median of ``--reps``; "AR step" is one committed token.
 2. **Draft cost per level.** ``draft(root, levels)`` of the shipped EAGLE-3 head and of the int8
    self-draft for 1..6 levels at top_k 8 and 4; the per-level cost is the least-squares slope.
-3. **AR against HF generate.** Greedy decoding of ``--new-tokens`` tokens on HumanEval, GSM8K
+3. **Draft vocabulary size against cost** (``--parts vocab``). The per-level cost in bfloat16 of
+   random heads shaped like the shipped one with a draft vocabulary of 4k to 32k tokens; its
+   ``lm_head`` is most of the head's bytes. The coverage of the target's greedy tokens by each
+   size is in the shipped head's ``TRAINING.json`` (``vocab_coverage_by_size``).
+4. **AR against HF generate.** Greedy decoding of ``--new-tokens`` tokens on HumanEval, GSM8K
    and MT-bench prompts: our AR loop (lean verifier) and ``model.generate`` for each dtype x
    attention; median of ``--reps`` per prompt, summed over prompts.
 
@@ -96,6 +100,26 @@ def draft_levels(drafter, prompt_ids, target, levels_list, reps):
     return out, slope
 
 
+def draft_cost_by_vocab(target, prompt_ids, sizes, reps, top_k=8):
+    """{draft vocabulary size: per-level ms} of random heads shaped like the shipped one."""
+    import tempfile
+
+    from heterospec.eagle3 import SHIPPED_HEAD_DIR, Eagle3Drafter
+    from heterospec.testing import random_eagle3_state, save_eagle3_head
+
+    with open(os.path.join(SHIPPED_HEAD_DIR, "config.json")) as f:
+        shipped = json.load(f)
+    out = {}
+    for size in sizes:
+        cfg = dict(shipped, draft_vocab_size=size)
+        with tempfile.TemporaryDirectory() as d:
+            save_eagle3_head(d, cfg, random_eagle3_state(cfg))
+            drafter = Eagle3Drafter.from_pretrained(d, target, top_k=top_k)
+        _, out[size] = draft_levels(drafter, prompt_ids, target, [1, 2, 3, 4, 5, 6], reps)
+        print(f"draft vocabulary {size}: {out[size]:.2f} ms per level (top_k {top_k})", flush=True)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -103,7 +127,7 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--prompts", type=int, default=1, help="prompts per set for the AR part")
-    ap.add_argument("--parts", default="curve,draft,ar")
+    ap.add_argument("--parts", default="curve,draft,vocab,ar")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -151,6 +175,10 @@ def main(argv=None):
             draft[f"int8 k={k}"] = {"levels_ms": ms, "per_level_ms": slope}
             print(f"int8 top_k {k}: per level {slope:.2f} ms ({ms})", flush=True)
         result["draft"] = draft
+    if "vocab" in parts:
+        result["per_level_ms_by_draft_vocab"] = draft_cost_by_vocab(
+            targets["bfloat16"], encode(tok, load_prompts("humaneval", 1)[0]["text"], True),
+            (4096, 8192, 16384, 32768), args.reps)
     if "ar" in parts:
         prompts = [encode(tok, p["text"], p["chat"]) for s in ("humaneval", "gsm8k", "mtbench")
                    for p in load_prompts(s, args.prompts)]
