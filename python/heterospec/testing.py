@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from typing import Sequence
@@ -216,6 +217,10 @@ def processed_probs(z_row, temperature, top_k, top_p):
 # ----------------------------------------------------------------------------- the command
 
 
+def _default_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cli(*args, timeout=300, path_first=(), popen=False):
     """``python -m heterospec.cli ARGS`` in a subprocess of this interpreter: the
     ``subprocess.run`` result, or the running ``Popen`` with ``popen``. ``path_first``
@@ -225,6 +230,10 @@ def run_cli(*args, timeout=300, path_first=(), popen=False):
         env["PYTHONPATH"] = os.pathsep.join([*map(str, path_first), env.get("PYTHONPATH", "")])
     cmd = [sys.executable, "-m", "heterospec.cli", *args]
     if popen:
+        # The running CLI is the one tests signal: give it the default SIGINT disposition. A
+        # suite launched in the background by a shell without job control (`cmd &` in a
+        # script) inherits SIGINT ignored, and a Python started that way never raises
+        # KeyboardInterrupt, so the Ctrl-C test would wait on a CLI that cannot hear it.
         return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=env)
+                                env=env, preexec_fn=_default_sigint)
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
