@@ -56,7 +56,7 @@ def chain(n):
 
 
 def verify_curve(target, kind, prefix_ids, sizes, reps):
-    """{N: median ms of one tree forward of N nodes}, plus "ar": one committed token."""
+    """{N: median ms of one tree forward of N nodes after ``prefix_ids``}."""
     from heterospec.target import compact_cache
     from heterospec.verifier import make_verifier
 
