@@ -182,3 +182,27 @@ def test_tree_attention_probe_per_dtype():
         hs.CausalLM(model)  # passes
         with pytest.raises(hs.UnsupportedModelError, match="does not honour"):
             hs.CausalLM(IgnoresMask(model))
+
+
+def test_rope_table_rotates_like_hf():
+    """RopeTable.rotate (signed-sin table, roll) against HF's x * cos + rotate_half(x) * sin, at
+    gathered positions and at one broadcast position, odd head count and far positions."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, rotate_half
+
+    from heterospec.lean_target import RopeTable
+
+    from transformers import LlamaConfig
+
+    rotary = LlamaRotaryEmbedding(LlamaConfig(hidden_size=48, num_attention_heads=3,
+                                              max_position_embeddings=4096))
+    table = RopeTable(rotary)
+    gen = torch.Generator().manual_seed(0)
+    positions = torch.tensor([0, 5, 3, 1500, 2047])
+    x = torch.randn((5, 3, 16), generator=gen, dtype=torch.float64).float()
+    cos, sin = rotary(x, positions[None])
+    want = x * cos[0][:, None] + rotate_half(x) * sin[0][:, None]
+    torch.testing.assert_close(RopeTable.rotate(x, table.at(positions)), want,
+                               atol=1e-5, rtol=1e-5)
+    same = RopeTable.rotate(x, table.at_position(1500, 5))
+    torch.testing.assert_close(same, RopeTable.rotate(x, table.at(torch.full((5,), 1500))))
+    assert table.table.shape[0] >= 2048

@@ -8,8 +8,10 @@ As a script (the numbers in bench/RESULTS.md)::
 1. **Verify-cost curve.** One tree forward of N = 1..64 nodes (a chain mask) after a
    ``--prefix``-token context, for the lean verifier and the HF module (``dynamic``), in
    bfloat16 and float32; median of ``--reps``; "AR step" is one committed token.
-2. **Draft cost per level.** ``draft(root, levels)`` of the shipped EAGLE-3 head and of the int8
-   self-draft for 1..6 levels at top_k 8 and 4; the per-level cost is the least-squares slope.
+2. **Draft cost per level.** ``draft(root, levels)`` of the shipped EAGLE-3 head for 1..6 levels
+   at top_k 8, 6 (the shipped tree's) and 4, and of the int8 self-draft for 1..4 levels at top_k
+   8 and 4; the per-level cost is the least-squares slope. For the head, the time of the level's
+   five GEMMs alone is reported beside it (the rest is small tensor ops).
 3. **Draft vocabulary size against cost** (``--parts vocab``). The per-level cost in bfloat16 of
    random heads shaped like the shipped one with a draft vocabulary of 4k to 32k tokens; its
    ``lm_head`` is most of the head's bytes. The coverage of the target's greedy tokens by each
@@ -86,18 +88,42 @@ def draft_levels(drafter, prompt_ids, target, levels_list, reps):
     target.captured_hidden = None
     ver.prefill(prompt_ids[:-1])
     hidden = target.captured_hidden
-    out = {}
-    for levels in levels_list:
-        def one():
+    times = {levels: [] for levels in levels_list}
+    # round robin over the level counts, so a slow spell of the host hits every count alike
+    for rep in range(reps + 1):
+        for levels in levels_list:
             drafter.reset(prompt_ids, target_hidden=hidden)
+            t0 = time.perf_counter()
             drafter.draft(int(prompt_ids[-1]), levels)
-        one()
-        out[levels] = _median_ms(one, reps)
+            if rep:  # the first round warms up
+                times[levels].append(time.perf_counter() - t0)
+    out = {levels: 1e3 * statistics.median(t) for levels, t in times.items()}
     # the root pass re-feeds the prompt each time: per-level cost is the slope over levels
     xs = list(out)
     mx, my = statistics.mean(xs), statistics.mean(out.values())
     slope = sum((x - mx) * (out[x] - my) for x in xs) / sum((x - mx) ** 2 for x in xs)
     return out, slope
+
+
+def head_gemm_ms(drafter, reps):
+    """Median ms of one draft level's five GEMMs alone (q/k/v, o, gate/up, down, lm_head on
+    ``top_k`` rows of the packed head, back to back): the part of a level that reads weights.
+    The rest of the per-level cost is the small tensor ops around them (norms, RoPE, attention,
+    top-k, the expansion's bookkeeping)."""
+    p, k = drafter.packed, drafter.top_k
+
+    def rows(n):
+        return torch.randn(k, n).to(p.dtype)
+
+    x2h, xh, xi = rows(2 * p.hidden), rows(p.hidden), rows(p.intermediate)
+    xo = rows(p.heads * p.head_dim)
+
+    def one():
+        p.qkv(x2h), p.o(xo), p.gate_up(xh), p.down(xi), p.lm_head(xh)
+
+    with torch.inference_mode():
+        one()
+        return _median_ms(one, reps)
 
 
 def draft_cost_by_vocab(target, prompt_ids, sizes, reps, top_k=8):
@@ -164,11 +190,14 @@ def main(argv=None):
         ids = encode(tok, load_prompts("humaneval", 1)[0]["text"], True)
         draft = {}
         for dt, target in targets.items():
-            for k in (8, 4):
+            for k in (8, 6, 4):
                 drafter = Eagle3Drafter.from_pretrained(SHIPPED_HEAD_DIR, target, top_k=k)
                 ms, slope = draft_levels(drafter, ids, target, [1, 2, 3, 4, 5, 6], args.reps)
-                draft[f"eagle3 {dt} k={k}"] = {"levels_ms": ms, "per_level_ms": slope}
-                print(f"eagle3 {dt} top_k {k}: per level {slope:.2f} ms ({ms})", flush=True)
+                gemm = head_gemm_ms(drafter, args.reps)
+                draft[f"eagle3 {dt} k={k}"] = {"levels_ms": ms, "per_level_ms": slope,
+                                               "gemm_ms_per_level": gemm}
+                print(f"eagle3 {dt} top_k {k}: per level {slope:.2f} ms, of which the five GEMMs "
+                      f"{gemm:.2f} ms ({ms})", flush=True)
         for k in (8, 4):
             drafter = hs.int8_drafter(targets["float32"], top_k=k)
             ms, slope = draft_levels(drafter, ids, targets["float32"], [1, 2, 3, 4], args.reps)

@@ -52,7 +52,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from typing import List, Optional
+from typing import List, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -462,33 +462,33 @@ class PackedEagle3Head:
         return F.rms_norm(x, (x.shape[-1],), weight, self.eps).to(self.dtype)
 
     @torch.inference_mode()
-    def __call__(self, token_ids: torch.Tensor, state: torch.Tensor, positions: torch.Tensor,
-                 visible: Optional[torch.Tensor], cache: DraftKVCache,
-                 from_target: bool) -> torch.Tensor:
-        """As :meth:`Eagle3Head.forward`: ``n`` entries appended to ``cache``; ``visible``
-        ``[n, cache.length + n]`` bool or ``None`` (every entry visible). Returns the output
-        states ``[n, H]`` float32."""
+    def __call__(self, token_ids: torch.Tensor, state: torch.Tensor,
+                 positions: Union[torch.Tensor, int], visible: Optional[torch.Tensor],
+                 cache: DraftKVCache, from_target: bool) -> torch.Tensor:
+        """As :meth:`Eagle3Head.forward`: ``n`` entries appended to ``cache``; ``positions``
+        ``[n]`` int64, or an int when every entry sits at that position (a tree level);
+        ``visible`` ``[n, cache.length + n]`` bool or ``None`` (every entry visible). Returns the
+        output states ``[n, H]`` float32."""
         n = int(token_ids.numel())
         nh, nkv, hd, dt = self.heads, self.kv_heads, self.head_dim, self.dtype
-        half = hd // 2
         g = self.fc(state.to(dt)).float() if from_target else state.float()
         x = torch.cat((self._norm(self.embed[token_ids].float(), self.input_norm),
                        self._norm(g, self.hidden_norm)), dim=-1)
         qkv = self.qkv(x).view(n, nh + 2 * nkv, hd)
-        qk = qkv[:, :nh + nkv].float()
-        cos, sin = self.rope(int(positions.max()) + 1)
-        cos, sin = cos[positions][:, None], sin[positions][:, None]
-        qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
-        keys, values = cache.append(qk[None, :, nh:].transpose(1, 2).to(dt),
+        rope = self.rope.at_position(positions, n) if isinstance(positions, int) \
+            else self.rope.at(positions)
+        qk = RopeTable.rotate(qkv[:, :nh + nkv].float(), rope).to(dt)
+        keys, values = cache.append(qk[None, :, nh:].transpose(1, 2),
                                     qkv[None, :, nh + nkv:].transpose(1, 2))
-        q = qk[:, :nh].to(dt).transpose(0, 1)[None]
+        q = qk[:, :nh].transpose(0, 1)[None]
         mask = None if visible is None else visible[None, None]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                              enable_gqa=nkv != nh)
-        g = g + self.o(out[0].transpose(0, 1).reshape(n, nh * hd)).float()
+        # float32 + bfloat16 promotes to float32: the residual stream stays float32
+        g = g + self.o(out[0].transpose(0, 1).reshape(n, nh * hd))
         gate_up = self.gate_up(self._norm(g, self.post_norm))
         i = self.intermediate
-        return g + self.down(self.act(gate_up[:, :i]) * gate_up[:, i:]).float()
+        return g + self.down(self.act(gate_up[:, :i]) * gate_up[:, i:])
 
     @torch.inference_mode()
     def logits(self, out_state: torch.Tensor) -> torch.Tensor:
@@ -537,6 +537,9 @@ class Eagle3Drafter(Drafter):
         target.capture_hidden_states(layers)
         self.head = head
         self.packed = PackedEagle3Head(head)
+        # target id of every draft id (d2t applied once, one gather per level)
+        self._target_ids = head.to_target_ids(torch.arange(head.config.draft_vocab_size,
+                                                           device=target.device))
         self.target = target
         self.capture_layers = sorted(layers)
         self.top_k = top_k
@@ -593,29 +596,24 @@ class Eagle3Drafter(Drafter):
                           from_target=True)
         self.forward_calls += 1
         self._prefix = self.cache.length  # committed entries; the root's is the last
-        self._root_state = out[-1:]
-        self._tree_states = out.new_zeros((0, out.shape[1]))
+        # output states: row 0 the root's, row 1 + s the node fed in tree slot s
+        self._states = out[-1:]
         stats = hx.draft_topk_entropy(self.packed.logits(out[-1:]), k, 1.0)
-        self.expansion.start(root, self.head.to_target_ids(stats.topk_ids[0]),
+        self.expansion.start(root, self._target_ids[stats.topk_ids[0]],
                              stats.topk_logprobs[0], stats.topk_entropy[0])
         return self.extend(levels - 1)
 
     def extend(self, extra_levels: int) -> CandidatePool:
-        k, dev, exp = self.top_k, self.device, self.expansion
+        k, exp = self.top_k, self.expansion
         for _ in range(extra_levels):
-            tree = exp.frontier_visibility()
-            visible = torch.ones((k, self._prefix + tree.shape[1]), dtype=torch.bool, device=dev)
-            visible[:, self._prefix:] = tree
-            parent = exp.frontier_parent_slots()
-            states = torch.cat((self._root_state, self._tree_states))[parent + 1]
-            pos = torch.full((k,), self._prefix - 1 + exp.levels, dtype=torch.int64, device=dev)
-            out = self.packed(exp.frontier_tokens(), states, pos, visible, self.cache,
-                              from_target=False)
+            visible = exp.frontier_visibility(self._prefix)
+            states = self._states[exp.frontier_parent_slots() + 1]
+            out = self.packed(exp.frontier_tokens(), states, self._prefix - 1 + exp.levels,
+                              visible, self.cache, from_target=False)
             self.forward_calls += 1
-            self._tree_states = torch.cat((self._tree_states, out))
+            self._states = torch.cat((self._states, out))
             stats = hx.draft_topk_entropy(self.packed.logits(out), k, 1.0)
-            exp.grow(self.head.to_target_ids(stats.topk_ids), stats.topk_logprobs,
-                     stats.topk_entropy)
+            exp.grow(self._target_ids[stats.topk_ids], stats.topk_logprobs, stats.topk_entropy)
         return exp.pool()
 
     def commit(self, path_pool_nodes: List[int], new_tokens: List[int],

@@ -1,4 +1,4 @@
-"""EAGLE-2 dynamic-tree expansion, the part every tree drafter shares, kept in tensors.
+"""EAGLE-2 dynamic-tree expansion, the part every tree drafter shares.
 
 One cycle (batch 1): the root's distribution gives level 0 (its ``k`` most likely children).
 Each further level feeds the current frontier (``k`` nodes) through the drafter in one batched
@@ -15,6 +15,13 @@ context, so frontier ``s`` (0-based feeding step) occupies tree slots ``s k .. s
 fed node sees the committed context, its own slot and the slots of its fed ancestors;
 :meth:`TreeExpansion.frontier_visibility` gives those rows.
 
+The bookkeeping is vectorised over the level (no per-node Python) and kept in host NumPy arrays:
+a level touches a few dozen numbers, and on a CPU each torch call on a tensor that small costs
+10-30 us once the level's GEMMs have streamed the head's weights through the caches, which
+made the bookkeeping a sixth of a draft level (bench/RESULTS.md). What the drafter consumes
+(frontier tokens, parent slots, visibility rows, the pool) is handed back as torch tensors on
+the drafter's device. Float32 sums and the stable sort give the same results as torch's.
+
 The drafter supplies the model side (:class:`~heterospec.drafter.ModelDrafter`,
 :class:`~heterospec.eagle3.Eagle3Drafter`); this class does only the bookkeeping.
 """
@@ -23,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 NEG_INF = float("-inf")
@@ -57,44 +65,55 @@ class CandidatePool:
                            torch.full_like(self.logprob, NEG_INF))
 
 
+def _host(t) -> np.ndarray:
+    """A host NumPy view (CPU tensors) or copy (other devices) of ``t``."""
+    return t.detach().cpu().numpy() if isinstance(t, torch.Tensor) else np.asarray(t)
+
+
 class TreeExpansion:
     """The pool and frontier of one cycle (see the module docstring).
 
     ``start`` takes the root's top-k; then, while more levels are wanted, the drafter reads
     ``frontier_tokens`` / ``frontier_parent_slots`` / ``frontier_visibility``, runs its model on
-    the frontier, and hands the frontier's top-k children to ``grow``."""
+    the frontier, and hands the frontier's top-k children to ``grow``. Inputs are torch tensors
+    on any device; outputs are torch tensors on ``device``."""
 
     def __init__(self, top_k: int, device, levels_hint: int = 8):
         self.k = int(top_k)
         self.device = torch.device(device)
+        self._on_cpu = self.device.type == "cpu"
         self._capacity_levels = 0
         self._reserve(max(1, int(levels_hint)))
+
+    def _torch(self, a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(np.ascontiguousarray(a))
+        return t if self._on_cpu else t.to(self.device)
 
     def _reserve(self, levels: int) -> None:
         """Buffers for a pool of ``levels`` levels (grown, keeping the contents)."""
         if levels <= self._capacity_levels:
             return
-        k, dev = self.k, self.device
+        k = self.k
         size = 1 + k + (levels - 1) * k * k
         slots = max(0, levels - 1) * k
 
         def grow(old, shape, dtype, fill=0):
-            new = torch.full(shape, fill, dtype=dtype, device=dev)
+            new = np.full(shape, fill, dtype=dtype)
             if old is not None:
                 new[tuple(slice(0, s) for s in old.shape)] = old
             return new
 
         first = self._capacity_levels == 0
-        self.tokens = grow(None if first else self.tokens, (size,), torch.int64)
-        self.parents = grow(None if first else self.parents, (size,), torch.int64, -1)
-        self.scores = grow(None if first else self.scores, (size,), torch.float32)
-        self.step_entropy = grow(None if first else self.step_entropy, (size,), torch.float32)
-        self.logprob = grow(None if first else self.logprob, (size,), torch.float32)
-        self.level = grow(None if first else self.level, (size,), torch.int64, -1)
+        self.tokens = grow(None if first else self.tokens, (size,), np.int64)
+        self.parents = grow(None if first else self.parents, (size,), np.int64, -1)
+        self.scores = grow(None if first else self.scores, (size,), np.float32)
+        self.step_entropy = grow(None if first else self.step_entropy, (size,), np.float32)
+        self.logprob = grow(None if first else self.logprob, (size,), np.float32)
+        self.level = grow(None if first else self.level, (size,), np.int64, -1)
         # slot of each pool node in the drafter's tree region (-1: never fed)
-        self.slot = grow(None if first else self.slot, (size,), torch.int64, -1)
+        self.slot = grow(None if first else self.slot, (size,), np.int64, -1)
         # visible[s, t]: fed node in slot s sees slot t (itself and its fed ancestors)
-        self.visible = grow(None if first else self.visible, (slots, slots), torch.bool, False)
+        self.visible = grow(None if first else self.visible, (slots, slots), np.bool_, False)
         self._capacity_levels = levels
 
     # -- per cycle
@@ -107,18 +126,23 @@ class TreeExpansion:
         self.parents[0] = -1
         self.scores[0] = self.step_entropy[0] = self.logprob[0] = 0.0
         self.level[0] = -1
-        self.tokens[1:1 + k] = topk_ids.reshape(k)
+        self.tokens[1:1 + k] = _host(topk_ids).reshape(k)
         self.parents[1:1 + k] = 0
-        lp = topk_logprobs.reshape(k).float()
+        lp = _host(topk_logprobs).reshape(k).astype(np.float32)
         self.scores[1:1 + k] = lp
         self.logprob[1:1 + k] = lp
-        self.step_entropy[1:1 + k] = topk_entropy.reshape(()).float()
+        self.step_entropy[1:1 + k] = _host(topk_entropy).reshape(())
         self.level[1:1 + k] = 0
-        self.slot.fill_(-1)
+        self.slot.fill(-1)
         self.size = 1 + k
         self.levels = 1
         self.fed = 0  # frontiers fed so far = tree slots used / k
-        self.frontier = torch.arange(1, 1 + k, device=self.device)
+        self._set_frontier(np.arange(1, 1 + k), lp.copy())
+
+    def _set_frontier(self, frontier: np.ndarray, scores: np.ndarray) -> None:
+        """The next nodes to feed and their cumulative scores."""
+        self.frontier = frontier
+        self._frontier_scores = scores
 
     @property
     def tree_slots(self) -> int:
@@ -127,66 +151,75 @@ class TreeExpansion:
 
     def frontier_tokens(self) -> torch.Tensor:
         """``[k]`` int64: the tokens to feed."""
-        return self.tokens[self.frontier]
+        return self._torch(self.tokens[self.frontier])
 
     def frontier_parent_slots(self) -> torch.Tensor:
         """``[k]`` int64: the tree slot of each frontier node's parent (-1: the root)."""
-        return self.slot[self.parents[self.frontier]]
+        return self._torch(self.slot[self.parents[self.frontier]])
 
-    def frontier_visibility(self) -> torch.Tensor:
-        """``[k, tree_slots + k]`` bool: what each frontier node sees of the tree region when
-        fed now (its fed ancestors, then itself); the committed context is not included."""
+    def _frontier_rows(self) -> np.ndarray:
         k, used = self.k, self.tree_slots
         self._reserve(self.levels + 1)
-        parent_slots = self.frontier_parent_slots()
-        rows = torch.zeros((k, used + k), dtype=torch.bool, device=self.device)
-        has_parent = parent_slots >= 0
-        if used and bool(has_parent.any()):
-            rows[:, :used] = self.visible[parent_slots.clamp(min=0), :used] & has_parent[:, None]
-        rows[:, used:].fill_diagonal_(True)
+        rows = np.zeros((k, used + k), dtype=np.bool_)
+        # level 0 hangs from the root (no tree slot); every deeper frontier node's parent was
+        # fed in the previous step, so either no row or every row has a parent slot
+        if used:
+            rows[:, :used] = self.visible[self.slot[self.parents[self.frontier]], :used]
+        rows[:, used:] = np.eye(k, dtype=np.bool_)
         return rows
+
+    def frontier_visibility(self, context: int = 0) -> torch.Tensor:
+        """``[k, context + tree_slots + k]`` bool: what each frontier node sees when fed now:
+        ``context`` committed entries (all visible), then its fed ancestors and itself in the
+        tree region."""
+        rows = self._frontier_rows()
+        if context:
+            rows = np.concatenate((np.ones((self.k, context), dtype=np.bool_), rows), axis=1)
+        return self._torch(rows)
 
     def grow(self, topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
              topk_entropy: torch.Tensor) -> None:
         """Record the fed frontier and its children: ``topk_ids`` / ``topk_logprobs`` ``[k, k]``
         (row f: the children of frontier node f), ``topk_entropy`` ``[k]``."""
         k = self.k
-        self._reserve(self.levels + 1)
+        rows = self._frontier_rows()  # reserves room for one more level
         used = self.tree_slots
-        rows = self.frontier_visibility()
         frontier = self.frontier
-        self.slot[frontier] = torch.arange(used, used + k, device=self.device)
+        self.slot[frontier] = np.arange(used, used + k)
         self.visible[used:used + k, :used + k] = rows
         self.fed += 1
         start = self.size
         stop = start + k * k
-        child_lp = topk_logprobs.reshape(k, k).float()
-        child_scores = (self.scores[frontier][:, None] + child_lp).reshape(-1)
-        self.tokens[start:stop] = topk_ids.reshape(-1)
-        self.parents[start:stop] = frontier.repeat_interleave(k)
+        child_lp = _host(topk_logprobs).reshape(k, k).astype(np.float32, copy=False)
+        child_scores = (self._frontier_scores[:, None] + child_lp).reshape(-1)
+        self.tokens[start:stop] = _host(topk_ids).reshape(-1)
+        self.parents[start:stop] = np.repeat(frontier, k)
         self.scores[start:stop] = child_scores
         self.logprob[start:stop] = child_lp.reshape(-1)
-        self.step_entropy[start:stop] = topk_entropy.reshape(k).float().repeat_interleave(k)
+        self.step_entropy[start:stop] = np.repeat(_host(topk_entropy).reshape(k), k)
         self.level[start:stop] = self.levels
         self.size = stop
         self.levels += 1
         # next frontier: the k best children by cumulative score, ties to the lower index
-        best = torch.sort(-child_scores, stable=True).indices[:k]
-        self.frontier = start + best
+        best = np.argsort(-child_scores, kind="stable")[:k]
+        self._set_frontier(start + best, child_scores[best])
 
     def pool(self) -> CandidatePool:
         """The pool so far, each field ``[1, size]`` (copies: the buffers are reused)."""
         n = self.size
-        return CandidatePool(self.tokens[None, :n].clone(), self.parents[None, :n].clone(),
-                             self.scores[None, :n].clone(), self.step_entropy[None, :n].clone(),
-                             self.logprob[None, :n].clone(), self.level[None, :n].clone(),
+
+        def field(a):
+            return self._torch(a[None, :n].copy())
+
+        return CandidatePool(field(self.tokens), field(self.parents), field(self.scores),
+                             field(self.step_entropy), field(self.logprob), field(self.level),
                              self.levels)
 
     def fed_prefix(self, path_nodes) -> torch.Tensor:
         """Tree slots of the leading fed nodes of ``path_nodes`` (pool indices, root first): the
         accepted path's entries the drafter may keep. ``[m]`` int64."""
-        nodes = torch.as_tensor(path_nodes, dtype=torch.int64, device=self.device).reshape(-1)[1:]
+        nodes = _host(path_nodes).astype(np.int64).reshape(-1)[1:]
         slots = self.slot[nodes]
-        unfed = (slots < 0).nonzero()
-        m = int(unfed[0, 0]) if unfed.numel() else slots.numel()
-        return slots[:m]
+        unfed = np.flatnonzero(slots < 0)
+        m = int(unfed[0]) if unfed.size else slots.size
+        return self._torch(slots[:m].copy())
