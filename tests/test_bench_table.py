@@ -105,5 +105,14 @@ def test_run_bench_end_to_end_on_a_tiny_model(tmp_path):
     hf_t1 = {m for (t, s, m) in at if t == 1.0 and m.startswith("hf:")}
     assert hf_t1 == {best}
     assert len(res.runs) == 2 * 2 * (7 + 6)  # prompts x repeats x (methods at T=0 + at T=1)
+    # the repeats are interleaved: per prompt, one round of every method, then the reverse round
+    assert sorted(r["run_index"] for r in res.runs) == list(range(len(res.runs)))
+    for t in (0.0, 1.0):
+        for prompt in {r["prompt"] for r in res.runs}:
+            mine = sorted((r for r in res.runs if r["temperature"] == t and r["prompt"] == prompt),
+                          key=lambda r: r["run_index"])
+            first = [r["method"] for r in mine if r["repeat"] == 0]
+            assert [r["repeat"] for r in mine] == [0] * len(first) + [1] * len(first)
+            assert [r["method"] for r in mine if r["repeat"] == 1] == first[::-1]
     table = bench.format_table(res.rows)
     assert "HF generate fp32 eager" in table and "HeteroSpec cost-aware" in table

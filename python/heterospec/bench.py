@@ -5,8 +5,10 @@ Methods: ``ar`` (the target's own loop on the same forward code as the speculati
 extended depth only: every stratum verifies the static tree's N), ``hf:<dtype>:<attention>``
 (plain HF ``model.generate`` on the same model: what a user runs without this package; by default
 float32 and bfloat16, eager and sdpa) and ``hf_assisted`` (HF ``generate(assistant_model=)`` with
-the same int8 draft; greedy only). Every method decodes every prompt ``repeats`` times; wall times
-are medians over repeats, per prompt. Per prompt set and on average (mean over sets, as the
+the same int8 draft; greedy only). Every method decodes every prompt ``repeats`` times, the
+repeats interleaved across the methods (one round of every method, then the next round in reverse
+order), so that a slow spell of a shared host is spread over all of them; wall times are medians
+over repeats, per prompt. Per prompt set and on average (mean over sets, as the
 paper) it reports speedup over AR and over the best HF ``generate`` configuration (the one with the
 highest mean tok/s at T = 0, measured in the same run), tau, Calls and Tokens (verification calls
 and verified tokens), stratum occupancy and the draft / verify / overhead split, for each
@@ -438,23 +440,32 @@ def run_bench(target, drafter, policy, cfg: BenchConfig, progress_factory=None) 
                          for t in temps)
         bar = progress_factory(per_prompt * len(prompts) * cfg.repeats, "bench")
     runs = []
+    run_index = 0  # the order the decodes ran in
     t_start = time.time()
     for t in temps:
         for index, (set_name, pid, ids) in enumerate(prompts):
-            ref = None
-            for m in runs_at(t):
-                sampling = SamplingParams(temperature=t, seed=index)
-                for rep in range(cfg.repeats):
+            # repeats are interleaved across the methods, in alternating order, so that a slow
+            # spell of a shared host hits every method alike instead of one method's repeats
+            done, tokens = [], {}
+            for rep in range(cfg.repeats):
+                order = runs_at(t) if rep % 2 == 0 else runs_at(t)[::-1]
+                for m in order:
+                    sampling = SamplingParams(temperature=t, seed=index)
                     toks, st = _run_once(m, gens, target, drafter, ids, n, sampling,
                                          verifier=ar_verifier)
-                    if m == "ar" and rep == 0:
-                        ref = toks
                     st = {k: v for k, v in st.items() if k != "method"}
                     st.update({"temperature": t, "set": set_name, "prompt": pid, "method": m,
-                               "repeat": rep, "identical_to_ar": toks == ref})
-                    runs.append(st)
+                               "repeat": rep, "run_index": run_index})
+                    run_index += 1
+                    done.append(st)
+                    tokens[(m, rep)] = toks
                     if bar is not None:
                         bar.update(1)
+            ref = tokens.get(("ar", 0))
+            for st in sorted(done, key=lambda st: (runs_at(t).index(st["method"]),
+                                                   st["repeat"])):
+                st["identical_to_ar"] = tokens[(st["method"], st["repeat"])] == ref
+                runs.append(st)
         if hf_methods and best_hf is None:
             best_hf = best_hf_method(aggregate(runs, methods, sets, [t]))
     if bar is not None:
