@@ -104,8 +104,8 @@ class RopeTable:
 
     @staticmethod
     def rotate(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """RoPE of ``x`` ``[n, heads, head_dim]`` float32 with ``rows`` ``[n, 2, head_dim]`` from
-        :meth:`at` (float32, ``[n, heads, head_dim]``)."""
+        """RoPE of ``x`` ``[n, heads, head_dim]`` float32, with ``rows`` ``[n, 2, head_dim]`` from
+        :meth:`at` or :meth:`at_position`. Returns float32 ``[n, heads, head_dim]``."""
         cos, signed_sin = rows[:, 0:1], rows[:, 1:2]
         return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
 
