@@ -443,12 +443,13 @@ def run_bench(target, drafter, policy, cfg: BenchConfig, progress_factory=None) 
     run_index = 0  # the order the decodes ran in
     t_start = time.time()
     for t in temps:
+        methods_t = runs_at(t)
         for index, (set_name, pid, ids) in enumerate(prompts):
             # repeats are interleaved across the methods, in alternating order, so that a slow
             # spell of a shared host hits every method alike instead of one method's repeats
             done, tokens = [], {}
             for rep in range(cfg.repeats):
-                order = runs_at(t) if rep % 2 == 0 else runs_at(t)[::-1]
+                order = methods_t if rep % 2 == 0 else methods_t[::-1]
                 for m in order:
                     sampling = SamplingParams(temperature=t, seed=index)
                     toks, st = _run_once(m, gens, target, drafter, ids, n, sampling,
@@ -462,7 +463,7 @@ def run_bench(target, drafter, policy, cfg: BenchConfig, progress_factory=None) 
                     if bar is not None:
                         bar.update(1)
             ref = tokens.get(("ar", 0))
-            for st in sorted(done, key=lambda st: (runs_at(t).index(st["method"]),
+            for st in sorted(done, key=lambda st: (methods_t.index(st["method"]),
                                                    st["repeat"])):
                 st["identical_to_ar"] = tokens[(st["method"], st["repeat"])] == ref
                 runs.append(st)

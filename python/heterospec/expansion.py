@@ -140,9 +140,12 @@ class TreeExpansion:
         self._set_frontier(np.arange(1, 1 + k), lp.copy())
 
     def _set_frontier(self, frontier: np.ndarray, scores: np.ndarray) -> None:
-        """The next nodes to feed and their cumulative scores."""
+        """The next nodes to feed and their cumulative scores. Their visibility rows are built
+        on first use and kept until the frontier changes: the drafter reads them to feed the
+        frontier, and ``grow`` records the same rows."""
         self.frontier = frontier
         self._frontier_scores = scores
+        self._rows = None
 
     @property
     def tree_slots(self) -> int:
@@ -153,20 +156,25 @@ class TreeExpansion:
         """``[k]`` int64: the tokens to feed."""
         return self._torch(self.tokens[self.frontier])
 
+    def _parent_slots(self) -> np.ndarray:
+        return self.slot[self.parents[self.frontier]]
+
     def frontier_parent_slots(self) -> torch.Tensor:
         """``[k]`` int64: the tree slot of each frontier node's parent (-1: the root)."""
-        return self._torch(self.slot[self.parents[self.frontier]])
+        return self._torch(self._parent_slots())
 
     def _frontier_rows(self) -> np.ndarray:
-        k, used = self.k, self.tree_slots
-        self._reserve(self.levels + 1)
-        rows = np.zeros((k, used + k), dtype=np.bool_)
-        # level 0 hangs from the root (no tree slot); every deeper frontier node's parent was
-        # fed in the previous step, so either no row or every row has a parent slot
-        if used:
-            rows[:, :used] = self.visible[self.slot[self.parents[self.frontier]], :used]
-        rows[:, used:] = np.eye(k, dtype=np.bool_)
-        return rows
+        if self._rows is None:
+            k, used = self.k, self.tree_slots
+            self._reserve(self.levels + 1)
+            rows = np.zeros((k, used + k), dtype=np.bool_)
+            # level 0 hangs from the root (no tree slot); every deeper frontier node's parent
+            # was fed in the previous step, so either no row or every row has a parent slot
+            if used:
+                rows[:, :used] = self.visible[self._parent_slots(), :used]
+            rows[:, used:] = np.eye(k, dtype=np.bool_)
+            self._rows = rows
+        return self._rows
 
     def frontier_visibility(self, context: int = 0) -> torch.Tensor:
         """``[k, context + tree_slots + k]`` bool: what each frontier node sees when fed now:
