@@ -80,7 +80,10 @@ def _extension():
     include_dirs = [os.path.join(ROOT, "csrc")]
     sources = ["csrc/torch_bindings.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
     define = [f'-DHX_VERSION="{VERSION}"', f'-DHX_TORCH_VERSION="{torch.__version__}"']
-    cxx = ["-std=c++20", "-fopenmp"] + opt
+    # -Wno-psabi: the CPU kernels pass GCC vector types between internal always_inline
+    # functions only (csrc/cpu/simd.h), so GCC's note that their ABI changed in GCC 4.6 never
+    # applies (a #pragma does not silence it for templates instantiated from a header)
+    cxx = ["-std=c++20", "-fopenmp", "-Wno-psabi"] + opt
     ldflags = ["-fopenmp"]
     sanitize = os.environ.get("HX_SANITIZE", "")
     if sanitize:  # every sanitizer report is fatal, with a usable stack

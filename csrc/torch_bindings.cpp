@@ -75,6 +75,30 @@ TORCH_LIBRARY(heterospec, m) {
       "Tensor parents, Tensor temperature, Tensor top_k, Tensor top_p, "
       "Tensor uniforms, Tensor? draft_probs, Tensor(a!) out_tokens, "
       "Tensor(b!) accepted_nodes, Tensor(c!) num_accepted) -> ()");
+
+  // The decode-layer ops: the steps between the GEMMs of a Llama-style decoder
+  // layer at decode sizes (the lean CPU path's EAGLE-3 head). CPU kernels only.
+  //
+  // RMS norm of the embedding rows of token_ids beside the RMS norm of the
+  // hidden rows; writes a new [n, 2 * H] tensor in embed's dtype.
+  m.def(
+      "embed_hidden_rms_norm(Tensor token_ids, Tensor embed, Tensor hidden, "
+      "Tensor embed_weight, Tensor hidden_weight, float eps) -> Tensor");
+  // residual += delta, then the RMS norm of the sum; writes residual (in
+  // place) and a new normed tensor in delta's dtype.
+  m.def(
+      "fused_add_rms_norm(Tensor(a!) residual, Tensor delta, Tensor weight, "
+      "float eps) -> Tensor");
+  // silu(gate) * up of [gate | up] rows; writes a new [n, I] tensor.
+  m.def("silu_and_mul(Tensor gate_up) -> Tensor");
+  // RoPE of q and k, k and v appended to the caches at rows [cache_len,
+  // cache_len + n), then each query's masked softmax attention over all
+  // cache_len + n rows; writes k_cache, v_cache and a new [n, heads * head_dim]
+  // output.
+  m.def(
+      "rope_cache_attention(Tensor qkv, Tensor rope, Tensor positions, "
+      "Tensor(a!) k_cache, Tensor(b!) v_cache, int cache_len, Tensor? visible, "
+      "int num_heads, int num_kv_heads) -> Tensor");
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {

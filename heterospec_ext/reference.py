@@ -548,3 +548,69 @@ def fused_verify_outcomes(target_logits, candidates, parents, temperature, top_k
             allowed = None
         outcomes.append(allowed)
     return outcomes
+
+
+# ----------------------------------------------------------------------------- decode-layer ops
+# float64 arithmetic; each returns the float64 result before the kernel's final rounding to its
+# output dtype (tests compare within that rounding), and rounds to the cache dtype exactly
+# where the kernel does (keys, values and queries after RoPE).
+
+def _rms_norm64(x, weight, eps):
+    x = x.double()
+    return x / torch.sqrt((x * x).mean(-1, keepdim=True) + eps) * weight.double()
+
+
+def embed_hidden_rms_norm(token_ids, embed, hidden, embed_weight, hidden_weight, eps):
+    """``cat(rms_norm(embed[token_ids]) * embed_weight, rms_norm(hidden) * hidden_weight)``,
+    float64 ``[n, 2H]``."""
+    return torch.cat((_rms_norm64(embed[token_ids], embed_weight, eps),
+                      _rms_norm64(hidden, hidden_weight, eps)), dim=-1)
+
+
+def fused_add_rms_norm(residual, delta, weight, eps):
+    """``(residual + delta, rms_norm(residual + delta) * weight)``: the new float32 residual
+    (the kernel adds in float32) and the float64 normed rows."""
+    new_residual = residual.float() + delta.float()
+    return new_residual, _rms_norm64(new_residual, weight, eps)
+
+
+def silu_and_mul(gate_up):
+    """``silu(gate) * up`` of ``[gate | up]`` rows, float64 ``[n, I]``."""
+    gate, up = gate_up.double().chunk(2, dim=-1)
+    return gate / (1 + torch.exp(-gate)) * up
+
+
+def _rope64(x, cos, signed_sin):
+    """RoPE of ``x`` ``[..., head_dim]``: ``x * cos + roll(x, head_dim / 2) * signed_sin``."""
+    half = x.shape[-1] // 2
+    rolled = torch.cat((x[..., half:], x[..., :half]), dim=-1)
+    return x.double() * cos.double() + rolled.double() * signed_sin.double()
+
+
+def rope_cache_attention(qkv, rope, positions, k_cache, v_cache, cache_len, visible,
+                         num_heads, num_kv_heads):
+    """``(out, keys, values)``: the float64 attention output ``[n, num_heads * head_dim]``, and
+    the cache rows ``[num_kv_heads, n, head_dim]`` the kernel writes at ``cache_len`` (keys
+    after RoPE, in the cache dtype). One query, one head at a time, as the definition reads."""
+    n = qkv.shape[0]
+    head_dim = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
+    dtype = k_cache.dtype
+    rows = qkv.view(n, num_heads + 2 * num_kv_heads, head_dim)
+    table = rope[positions]  # [n, 2, head_dim]
+    cos, signed_sin = table[:, None, 0], table[:, None, 1]
+    q = _rope64(rows[:, :num_heads], cos, signed_sin).to(dtype).double()
+    new_k = _rope64(rows[:, num_heads:num_heads + num_kv_heads], cos, signed_sin).to(dtype)
+    new_v = rows[:, num_heads + num_kv_heads:]
+    keys = torch.cat((k_cache[:, :cache_len], new_k.transpose(0, 1)), dim=1).double()
+    values = torch.cat((v_cache[:, :cache_len], new_v.transpose(0, 1)), dim=1).double()
+    group = num_heads // num_kv_heads
+    out = torch.zeros((n, num_heads, head_dim), dtype=torch.float64)
+    for i in range(n):
+        for h in range(num_heads):
+            seen = torch.ones(cache_len + n, dtype=torch.bool) if visible is None else visible[i]
+            if not bool(seen.any()):
+                continue  # no visible row: a zero output row
+            scores = keys[h // group, seen] @ q[i, h] / head_dim ** 0.5
+            weights = torch.softmax(scores, dim=0)
+            out[i, h] = weights @ values[h // group, seen]
+    return out.reshape(n, num_heads * head_dim), new_k.transpose(0, 1), new_v.transpose(0, 1)

@@ -380,3 +380,38 @@ def test_cli_generate_with_eagle3(tmp_path, capsys, random_head_dir):
     assert cli.main(base + ["--draft", f"eagle3:{tmp_path / 'missing'}"]) == 2
     err = capsys.readouterr().err
     assert "does not exist" in err and "Traceback" not in err
+
+
+def test_packed_head_decode_layer_ops_match_torch_composition(target, random_head_dir):
+    """PackedEagle3Head on CPU runs the decode-layer ops; its torch composition (the path off
+    CPU) must compute the same: a prompt pass of more than FUSED_ATTENTION_MAX_ROWS rows (torch
+    attention inside the fused path), then a tree level (rope_cache_attention), float32."""
+    from heterospec.eagle3 import FUSED_ATTENTION_MAX_ROWS
+
+    path, _, _ = random_head_dir
+    drafter = Eagle3Drafter.from_pretrained(path, target, top_k=4)
+    packed = drafter.packed
+    assert packed.fused  # CPU, float32, SiLU
+    n = FUSED_ATTENTION_MAX_ROWS + 5
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, VOCAB, (n,), generator=gen)
+    hidden = torch.randn(n, 3 * HIDDEN, generator=gen)
+    level = torch.randint(0, VOCAB, (4,), generator=gen)
+    visible = torch.zeros(4, n + 4, dtype=torch.bool)
+    visible[:, :n - 3] = True  # the level sees part of the prompt, and itself
+    visible[:, n:] = torch.eye(4, dtype=torch.bool)
+    outputs = {}
+    for fused in (True, False):
+        packed.fused = fused
+        cache = drafter.head.new_cache()
+        first = packed(prompt, hidden, torch.arange(n),
+                       torch.ones(n, n, dtype=torch.bool).tril_(), cache, from_target=True)
+        states = first[0][-4:].clone()
+        before = states.clone()
+        second = packed(level, states, n, visible, cache, from_target=False)
+        # the fused residual updates work on a copy, never on the caller's states
+        assert torch.equal(states, before)
+        outputs[fused] = first + second + (cache.keys.clone(), cache.values.clone())
+    packed.fused = True
+    for got, want in zip(outputs[True], outputs[False]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -1,4 +1,5 @@
-"""Every op and its _out twin has a schema, a CPU kernel, a fake, and a CUDA kernel in CUDA builds."""
+"""Every op and its _out twin has a schema, a CPU kernel, a fake, and a CUDA kernel in CUDA builds;
+every decode-layer op (CPU only) a schema, a CPU kernel and a fake."""
 import pytest
 import torch
 from torch._library import simple_registry
@@ -11,7 +12,14 @@ OP_NAMES = [name for op in hx.OPS for name in (op, f"{op}_out")]
 def test_namespace_holds_exactly_the_documented_ops():
     registered = {n.split("::")[1] for n in torch._C._dispatch_get_all_op_names()
                   if n.startswith("heterospec::")}
-    assert registered == set(OP_NAMES)
+    assert registered == set(OP_NAMES) | set(hx.DECODE_LAYER_OPS)
+
+
+@pytest.mark.parametrize("name", hx.DECODE_LAYER_OPS)
+def test_decode_layer_op_has_cpu_kernel_and_fake(name):
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(f"heterospec::{name}", "CPU")
+    entry = simple_registry.singleton.find(f"heterospec::{name}")
+    assert entry.fake_impl.kernel is not None, f"heterospec::{name} has no fake kernel"
 
 
 @pytest.mark.parametrize("name", OP_NAMES)

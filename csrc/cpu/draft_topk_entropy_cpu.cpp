@@ -5,7 +5,10 @@
 // scanned for top-k candidates only if its max can beat the current k-th
 // entry, and (3) exp(z - m) and exp(z - m) * (z - m) are summed in float lanes
 // with a vectorisable exp, then folded into the row's double-precision
-// core::EntropyState (which rescales when the running max grows).
+// core::EntropyState (which rescales when the running max grows). The kernel
+// is instantiated with 4 float lanes (cpu/simd.h; the portable baseline) and,
+// on x86-64 CPUs with AVX2 + FMA, with 8 lanes inside a target("avx2,fma")
+// function chosen at run time.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -23,96 +26,15 @@
 #include <vector>
 
 #include "core/draft_topk_entropy.h"
+#include "cpu/simd.h"
 #include "draft_topk_entropy_checks.h"
-
-// Every function taking vector types is internal, so their ABI never crosses
-// a translation unit.
-#pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace heterospec {
 namespace {
 
+using cpu::Simd;
 using core::EntropyState;
 using core::TopKEntry;
-
-#define HX_CPU_ALWAYS_INLINE inline __attribute__((always_inline))
-
-// GCC/Clang vector extensions of `Lanes` floats. The kernel is instantiated
-// with 4 lanes (one SSE2 / NEON register, the portable baseline) and, on
-// x86-64 CPUs with AVX2 + FMA, with 8 lanes inside a target("avx2,fma")
-// function chosen at run time; the always_inline helpers below are compiled
-// into whichever of the two calls them.
-template <int Lanes>
-struct VecTypes;
-template <>
-struct VecTypes<4> {
-  typedef float F __attribute__((vector_size(16)));
-  typedef int32_t I __attribute__((vector_size(16)));
-};
-template <>
-struct VecTypes<8> {
-  typedef float F __attribute__((vector_size(32)));
-  typedef int32_t I __attribute__((vector_size(32)));
-};
-
-template <int Lanes>
-struct Simd {
-  using F = typename VecTypes<Lanes>::F;
-  using I = typename VecTypes<Lanes>::I;
-
-  static HX_CPU_ALWAYS_INLINE F splat(float x) { return F{} + x; }
-
-  static HX_CPU_ALWAYS_INLINE F load(const float* p) {
-    F v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-  }
-
-  // exp(d) for d <= 0 (d may be -inf), Cephes-style: d = n ln2 + r with
-  // |r| <= ln2/2, exp(r) by a degree-7 polynomial, 2^n through the exponent
-  // bits; about 1 ulp. Inputs below -87 (exp < 1.7e-38, -inf included) give
-  // 0, and `clamped` receives max(d, -87) so e * clamped is never 0 * inf.
-  static HX_CPU_ALWAYS_INLINE F exp_nonpositive(F d, F* clamped) {
-    const F lowest = splat(-87.0f);
-    const I underflow = d < lowest;
-    const F x = underflow ? lowest : d;
-    *clamped = x;
-    // Round x * log2(e) to the nearest integer with the 1.5 * 2^23 trick.
-    const F magic = splat(12582912.0f);
-    const F n = (x * splat(1.44269504088896341f) + magic) - magic;
-    F r = x - n * splat(0.693359375f);
-    r = r - n * splat(-2.12194440e-4f);
-    const F r2 = r * r;
-    F p = splat(1.9875691500e-4f);
-    p = p * r + splat(1.3981999507e-3f);
-    p = p * r + splat(8.3334519073e-3f);
-    p = p * r + splat(4.1665795894e-2f);
-    p = p * r + splat(1.6666665459e-1f);
-    p = p * r + splat(5.0000001201e-1f);
-    p = p * r2 + r + splat(1.0f);
-    const I exponent = (__builtin_convertvector(n, I) + 127) << 23;
-    const F result = p * reinterpret_cast<F>(exponent);
-    return underflow ? splat(0.0f) : result;
-  }
-
-  static HX_CPU_ALWAYS_INLINE double horizontal_sum(F v) {
-    double s = 0.0;
-    for (int i = 0; i < Lanes; ++i) s += static_cast<double>(v[i]);
-    return s;
-  }
-
-  static HX_CPU_ALWAYS_INLINE float horizontal_max(F v) {
-    float m = v[0];
-    for (int i = 1; i < Lanes; ++i) m = v[i] > m ? v[i] : m;
-    return m;
-  }
-
-  static HX_CPU_ALWAYS_INLINE bool any(I v) {
-    bool a = false;
-    for (int i = 0; i < Lanes; ++i) a = a || v[i] != 0;
-    return a;
-  }
-};
 
 // Elements per tile: the float buffer (4 KiB) stays in L1 between the passes.
 constexpr int64_t kTile = 1024;
