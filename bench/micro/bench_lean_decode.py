@@ -16,7 +16,12 @@ As a script (the numbers in bench/RESULTS.md)::
    random heads shaped like the shipped one with a draft vocabulary of 4k to 32k tokens; its
    ``lm_head`` is most of the head's bytes. The coverage of the target's greedy tokens by each
    size is in the shipped head's ``TRAINING.json`` (``vocab_coverage_by_size``).
-4. **AR against HF generate.** Greedy decoding of ``--new-tokens`` tokens on HumanEval, GSM8K
+4. **The head's decode-layer ops against its torch composition** (``--parts ops``). The
+   shipped head at top_k 6 with ``PackedEagle3Head.fused`` on and off in alternation: the
+   per-level cost as in 2, then end to end (static d3 k6 N16, greedy, ``--new-tokens`` tokens on
+   ``--prompts`` prompts per set, ``--reps`` rounds): drafting ms per cycle and tok/s, medians of
+   the per-pair ratios.
+5. **AR against HF generate.** Greedy decoding of ``--new-tokens`` tokens on HumanEval, GSM8K
    and MT-bench prompts: our AR loop (lean verifier) and ``model.generate`` for each dtype x
    attention; median of ``--reps`` per prompt, summed over prompts.
 
@@ -126,6 +131,57 @@ def head_gemm_ms(drafter, reps):
         return _median_ms(one, reps)
 
 
+def decode_layer_ops_ab(target, tok, prompts_per_set, new_tokens, reps):
+    """The shipped head with and without the decode-layer ops, alternating in one process."""
+    from heterospec.eagle3 import SHIPPED_HEAD_DIR, Eagle3Drafter
+    from heterospec.generate import SpeculativeGenerator
+    from heterospec.policy import StaticTree
+    from heterospec.prompts import encode, load_prompts
+
+    drafter = Eagle3Drafter.from_pretrained(SHIPPED_HEAD_DIR, target, top_k=6)
+    ids = encode(tok, load_prompts("humaneval", 1)[0]["text"], True)
+    levels = {}
+    for fused in (True, False, True, False):  # two alternating runs of each
+        drafter.packed.fused = fused
+        levels.setdefault(fused, []).append(
+            draft_levels(drafter, ids, target, [1, 5], reps)[1])
+    gen = SpeculativeGenerator(target, drafter, StaticTree(depth=3, top_k=6, total_tokens=16))
+    prompts = [encode(tok, p["text"], p["chat"]) for s in ("humaneval", "gsm8k", "mtbench")
+               for p in load_prompts(s, prompts_per_set)]
+    gen.generate(prompts[0], 8)
+    draft_ratio, speed_ratio, runs = [], [], []
+    for rep in range(reps):
+        for ids in prompts:
+            pair = {}
+            for fused in ((True, False) if rep % 2 == 0 else (False, True)):
+                drafter.packed.fused = fused
+                st = gen.generate(ids, new_tokens).stats
+                pair[fused] = (1e3 * st.draft_time_s / st.cycles, st.new_tokens / st.wall_time_s)
+                runs.append({"fused": fused, "draft_ms_per_cycle": pair[fused][0],
+                             "tok_s": pair[fused][1]})
+            draft_ratio.append(pair[True][0] / pair[False][0])
+            speed_ratio.append(pair[True][1] / pair[False][1])
+    drafter.packed.fused = True
+
+    def med(fused, key):
+        return statistics.median(r[key] for r in runs if r["fused"] == fused)
+
+    out = {"per_level_ms": {"ops": levels[True], "composition": levels[False]},
+           "draft_ms_per_cycle": {"ops": med(True, "draft_ms_per_cycle"),
+                                  "composition": med(False, "draft_ms_per_cycle")},
+           "tok_s": {"ops": med(True, "tok_s"), "composition": med(False, "tok_s")},
+           "draft_ratio_median": statistics.median(draft_ratio),
+           "tok_s_ratio_median": statistics.median(speed_ratio),
+           "tok_s_ratio_range": [min(speed_ratio), max(speed_ratio)]}
+    print(f"per level: ops {levels[True]} ms, composition {levels[False]} ms")
+    print(f"end to end: drafting {out['draft_ms_per_cycle']['ops']:.2f} against "
+          f"{out['draft_ms_per_cycle']['composition']:.2f} ms per cycle (ratio "
+          f"{out['draft_ratio_median']:.2f}); {out['tok_s']['ops']:.1f} against "
+          f"{out['tok_s']['composition']:.1f} tok/s (ratio {out['tok_s_ratio_median']:.2f}, "
+          f"{min(speed_ratio):.2f}-{max(speed_ratio):.2f})", flush=True)
+    return out
+
+
 def draft_cost_by_vocab(target, prompt_ids, sizes, reps, top_k=8):
     """{draft vocabulary size: per-level ms} of random heads shaped like the shipped one."""
     import tempfile
@@ -208,6 +264,9 @@ def main(argv=None):
         result["per_level_ms_by_draft_vocab"] = draft_cost_by_vocab(
             targets["bfloat16"], encode(tok, load_prompts("humaneval", 1)[0]["text"], True),
             (4096, 8192, 16384, 32768), args.reps)
+    if "ops" in parts:
+        result["decode_layer_ops"] = decode_layer_ops_ab(targets["bfloat16"], tok, args.prompts,
+                                                         args.new_tokens, args.reps)
     if "ar" in parts:
         prompts = [encode(tok, p["text"], p["chat"]) for s in ("humaneval", "gsm8k", "mtbench")
                    for p in load_prompts(s, args.prompts)]
