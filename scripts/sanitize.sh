@@ -5,8 +5,8 @@
 #   2. a second copy of the extension built with the same flags into build/sanitize/stage
 #      (the editable install in .venv is left alone), then, with python started under
 #      LD_PRELOAD=libasan (python itself is not instrumented) and that copy first on the path:
-#      the bad-input tests, the meta / mixed-device tests, the concurrency test and a slice of
-#      the fuzz suite.
+#      the bad-input tests, the meta / mixed-device tests, the decode-layer ops' tests, the
+#      concurrency test and a slice of the fuzz suite.
 # Any report aborts the process that hit it (-fno-sanitize-recover=all, halt_on_error), so a
 # report fails the step. Leak detection is off: CPython and torch keep allocations to exit.
 # Usage: bash scripts/sanitize.sh   (HX_SANITIZE_FUZZ_EXAMPLES: fuzz examples per op, 60)
@@ -61,6 +61,9 @@ step "bad-input tests under $SANITIZERS"
 "${PYTEST[@]}" tests/test_draft_topk_entropy.py tests/test_stratify.py tests/test_build_tree.py \
   tests/test_fused_verify.py tests/test_meta_devices.py \
   -k "bad or error or invalid or malformed or lowest or printed or meta" || status=1
+
+step "decode-layer ops under $SANITIZERS"
+"${PYTEST[@]}" tests/test_decode_layer.py || status=1
 
 step "concurrency and fuzz slice ($FUZZ_EXAMPLES examples per op) under $SANITIZERS"
 HX_FUZZ_EXAMPLES=$FUZZ_EXAMPLES HX_FUZZ_DERANDOMIZE=1 "${PYTEST[@]}" tests/test_concurrency.py \
