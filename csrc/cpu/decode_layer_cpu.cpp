@@ -66,6 +66,9 @@ HX_CPU_ALWAYS_INLINE c10::BFloat16 from_float<c10::BFloat16>(float x) {
                        c10::BFloat16::from_bits());
 }
 
+// n rounded up to whole Vec vectors.
+inline int64_t whole_vectors(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
 // Rows per parallel_for task for row-wise kernels of `width` columns: a task
 // takes about 64 K elements, so a decode-size call stays on one thread.
 inline int64_t row_grain(int64_t width) {
@@ -151,7 +154,7 @@ at::Tensor embed_hidden_rms_norm_cpu(const at::Tensor& token_ids_in, const at::T
 // ----------------------------------------------------------------- fused_add_rms_norm
 
 at::Tensor fused_add_rms_norm_cpu(at::Tensor& residual, const at::Tensor& delta_in,
-                            const at::Tensor& weight_in, double eps) {
+                                  const at::Tensor& weight_in, double eps) {
   check_fused_add_rms_norm_args(residual, delta_in, weight_in);
   check_eps(eps);
   const at::Tensor delta = delta_in.contiguous();
@@ -206,7 +209,7 @@ HX_CPU_ALWAYS_INLINE void silu_and_mul_rows(const T* src, T* dst, int64_t begin,
     T* o_row = dst + i * width;
     for (int64_t d0 = 0; d0 < width; d0 += kSiluTile) {
       const int64_t len = std::min<int64_t>(kSiluTile, width - d0);
-      const int64_t padded = (len + kLanes - 1) / kLanes * kLanes;
+      const int64_t padded = whole_vectors(len);
 #pragma omp simd
       for (int64_t l = 0; l < len; ++l) tile[l] = to_float(g_row[d0 + l]);
       for (int64_t l = len; l < padded; ++l) tile[l] = 0.0f;
@@ -222,23 +225,16 @@ HX_CPU_ALWAYS_INLINE void silu_and_mul_rows(const T* src, T* dst, int64_t begin,
   }
 }
 
-// 8-lane vectors are native only in the AVX2 / AVX-512 clones (the baseline splits them).
-HX_CPU_CLONES void silu_and_mul_rows_float(const float* src, float* dst, int64_t begin,
-                                           int64_t end, int64_t width) {
+// One overload per activation type, each compiled as clones: 8-lane vectors are native only
+// in the AVX2 / AVX-512 clones (the baseline splits them).
+HX_CPU_CLONES void silu_and_mul_cloned(const float* src, float* dst, int64_t begin, int64_t end,
+                                       int64_t width) {
   silu_and_mul_rows(src, dst, begin, end, width);
 }
 
-HX_CPU_CLONES void silu_and_mul_rows_bfloat16(const c10::BFloat16* src, c10::BFloat16* dst,
-                                              int64_t begin, int64_t end, int64_t width) {
+HX_CPU_CLONES void silu_and_mul_cloned(const c10::BFloat16* src, c10::BFloat16* dst,
+                                       int64_t begin, int64_t end, int64_t width) {
   silu_and_mul_rows(src, dst, begin, end, width);
-}
-
-void silu_and_mul_rows_of(const float* s, float* d, int64_t b, int64_t e, int64_t w) {
-  silu_and_mul_rows_float(s, d, b, e, w);
-}
-void silu_and_mul_rows_of(const c10::BFloat16* s, c10::BFloat16* d, int64_t b, int64_t e,
-                          int64_t w) {
-  silu_and_mul_rows_bfloat16(s, d, b, e, w);
 }
 
 at::Tensor silu_and_mul_cpu(const at::Tensor& gate_up_in) {
@@ -252,7 +248,7 @@ at::Tensor silu_and_mul_cpu(const at::Tensor& gate_up_in) {
     const T* src = gate_up.data_ptr<T>();
     T* dst = out.data_ptr<T>();
     at::parallel_for(0, n, row_grain(width), [&](int64_t begin, int64_t end) {
-      silu_and_mul_rows_of(src, dst, begin, end, width);
+      silu_and_mul_cloned(src, dst, begin, end, width);
     });
   });
   return out;
@@ -284,14 +280,13 @@ struct AttentionArgs {
   int64_t cache_head_stride;
   const bool* visible;  // [n, keys] or nullptr
   T* out;               // [n, heads * head_dim]
-  int64_t n, keys, heads, kv_heads, head_dim;
+  int64_t keys, heads, kv_heads, head_dim;
 };
 
 // Floats of scratch per parallel_for task of the attention: per query head of a group its
 // scores (`keys` rounded up to whole vectors), q and accumulator, then one K / V row.
 inline int64_t attention_scratch(int64_t keys, int64_t group, int64_t head_dim) {
-  const int64_t padded = (keys + kLanes - 1) / kLanes * kLanes;
-  return group * (padded + 2 * head_dim) + head_dim;
+  return group * (whole_vectors(keys) + 2 * head_dim) + head_dim;
 }
 
 // Output rows of the (row, KV head) items [begin, end): the `group` query heads that share a
@@ -302,7 +297,7 @@ HX_CPU_ALWAYS_INLINE void attend(const AttentionArgs<T>& a, int64_t begin, int64
   const int64_t hd = a.head_dim;
   const int64_t width = (a.heads + 2 * a.kv_heads) * hd;
   const int64_t group = a.heads / a.kv_heads;
-  const int64_t padded = (a.keys + kLanes - 1) / kLanes * kLanes;
+  const int64_t padded = whole_vectors(a.keys);
   float* scores = scratch;                  // [group, padded]
   float* q = scores + group * padded;       // [group, hd]
   float* acc = q + group * hd;              // [group, hd]
@@ -386,21 +381,15 @@ HX_CPU_ALWAYS_INLINE void attend(const AttentionArgs<T>& a, int64_t begin, int64
   }
 }
 
-HX_CPU_CLONES void attend_float(const AttentionArgs<float>& a, int64_t begin, int64_t end,
-                                float* scratch) {
+// One overload per activation type, each compiled as clones.
+HX_CPU_CLONES void attend_cloned(const AttentionArgs<float>& a, int64_t begin, int64_t end,
+                                 float* scratch) {
   attend(a, begin, end, scratch);
 }
 
-HX_CPU_CLONES void attend_bfloat16(const AttentionArgs<c10::BFloat16>& a, int64_t begin,
-                                   int64_t end, float* scratch) {
+HX_CPU_CLONES void attend_cloned(const AttentionArgs<c10::BFloat16>& a, int64_t begin,
+                                 int64_t end, float* scratch) {
   attend(a, begin, end, scratch);
-}
-
-void attend_rows(const AttentionArgs<float>& a, int64_t b, int64_t e, float* scratch) {
-  attend_float(a, b, e, scratch);
-}
-void attend_rows(const AttentionArgs<c10::BFloat16>& a, int64_t b, int64_t e, float* scratch) {
-  attend_bfloat16(a, b, e, scratch);
 }
 
 at::Tensor rope_cache_attention_cpu(const at::Tensor& qkv_in, const at::Tensor& rope_in,
@@ -434,7 +423,6 @@ at::Tensor rope_cache_attention_cpu(const at::Tensor& qkv_in, const at::Tensor& 
     a.cache_head_stride = k_cache.stride(0);
     a.visible = visible.defined() ? visible.data_ptr<bool>() : nullptr;
     a.out = out.data_ptr<T>();
-    a.n = n;
     a.keys = cache_len + n;
     a.heads = num_heads;
     a.kv_heads = num_kv_heads;
@@ -461,7 +449,7 @@ at::Tensor rope_cache_attention_cpu(const at::Tensor& qkv_in, const at::Tensor& 
     const int64_t scratch_floats = attention_scratch(a.keys, num_heads / num_kv_heads, hd);
     at::parallel_for(0, n * num_kv_heads, grain, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch(static_cast<size_t>(scratch_floats));
-      attend_rows(a, begin, end, scratch.data());
+      attend_cloned(a, begin, end, scratch.data());
     });
   });
   return out;

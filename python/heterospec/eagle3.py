@@ -506,38 +506,40 @@ class PackedEagle3Head:
             g = self.fc(state.to(self.dtype)).float()
         else:  # a copy: the fused path updates the residual stream in place
             g = state.to(torch.float32, copy=True)
-        if isinstance(positions, int):
-            rows = self.rope(positions + 1)
-            positions = torch.full((n,), positions, dtype=torch.int64, device=g.device)
-        else:
-            rows = self.rope(int(positions.max()) + 1)
         if self.fused:
-            return self._fused(token_ids, g, positions, rows, visible, cache)
-        return self._composed(token_ids, g, positions, rows, visible, cache)
+            return self._fused(token_ids, g, positions, visible, cache)
+        return self._composed(token_ids, g, positions, visible, cache)
 
-    def _fused(self, token_ids, g, positions, rows, visible, cache):
+    def _fused(self, token_ids, g, positions, visible, cache):
         n, eps = int(token_ids.numel()), self.eps
         x = hx.embed_hidden_rms_norm(token_ids, self.embed, g, self.input_norm, self.hidden_norm,
                                      eps)
         qkv = self.qkv(x)
         if n <= FUSED_ATTENTION_MAX_ROWS:
+            if isinstance(positions, int):
+                table = self.rope(positions + 1)
+                positions = torch.full((n,), positions, dtype=torch.int64, device=g.device)
+            else:
+                table = self.rope(int(positions.max()) + 1)
             start = cache.reserve(n)
-            out = hx.rope_cache_attention(qkv, rows, positions, cache.key_buffer,
+            out = hx.rope_cache_attention(qkv, table, positions, cache.key_buffer,
                                           cache.value_buffer, start, visible, self.heads,
                                           self.kv_heads)
             cache.length = start + n
         else:
-            out = self._attention(qkv, positions, rows, visible, cache)
+            out = self._attention(qkv, positions, visible, cache)
         normed = hx.fused_add_rms_norm(g, self.o(out), self.post_norm, eps)  # g += attention
         mlp = self.down(hx.silu_and_mul(self.gate_up(normed)))
         return g, hx.fused_add_rms_norm(g, mlp, self.final_norm, eps)  # g += MLP
 
-    def _attention(self, qkv, positions, rows, visible, cache):
+    def _attention(self, qkv, positions, visible, cache):
         """RoPE, cache append and torch's attention: ``[n, heads * head_dim]``."""
         n = qkv.shape[0]
         nh, nkv, hd = self.heads, self.kv_heads, self.head_dim
         qkv = qkv.view(n, nh + 2 * nkv, hd)
-        qk = RopeTable.rotate(qkv[:, :nh + nkv].float(), rows[positions]).to(self.dtype)
+        rope = self.rope.at_position(positions, n) if isinstance(positions, int) \
+            else self.rope.at(positions)
+        qk = RopeTable.rotate(qkv[:, :nh + nkv].float(), rope).to(self.dtype)
         keys, values = cache.append(qk[None, :, nh:].transpose(1, 2),
                                     qkv[None, :, nh + nkv:].transpose(1, 2))
         q = qk[:, :nh].transpose(0, 1)[None]
@@ -546,10 +548,10 @@ class PackedEagle3Head:
                                              enable_gqa=nkv != nh)
         return out[0].transpose(0, 1).reshape(n, nh * hd)
 
-    def _composed(self, token_ids, g, positions, rows, visible, cache):
+    def _composed(self, token_ids, g, positions, visible, cache):
         x = torch.cat((self._norm(self.embed[token_ids].float(), self.input_norm),
                        self._norm(g, self.hidden_norm)), dim=-1)
-        out = self._attention(self.qkv(x), positions, rows, visible, cache)
+        out = self._attention(self.qkv(x), positions, visible, cache)
         # float32 + bfloat16 promotes to float32: the residual stream stays float32
         g = g + self.o(out)
         gate_up = self.gate_up(self._norm(g, self.post_norm))
