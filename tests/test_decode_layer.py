@@ -131,7 +131,9 @@ def attention_inputs(dtype, n, heads, kv_heads, head_dim, cache_len, capacity, s
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n,heads,kv_heads,head_dim,cache_len", [
-    (1, 9, 3, 64, 0), (6, 9, 3, 64, 157), (5, 4, 4, 6, 11), (3, 8, 1, 10, 1), (40, 6, 2, 32, 75)])
+    (1, 9, 3, 64, 0), (6, 9, 3, 64, 157), (5, 4, 4, 6, 11), (3, 8, 1, 10, 1), (40, 6, 2, 32, 75),
+    # several blocks of 128 keys plus 7 vectors of 16, and a head_dim of 128
+    (16, 9, 3, 64, 350), (17, 4, 2, 128, 200)])
 @pytest.mark.parametrize("mask", [None, "causal", "random"])
 def test_rope_cache_attention_matches_oracle(dtype, n, heads, kv_heads, head_dim, cache_len, mask):
     args = attention_inputs(dtype, n, heads, kv_heads, head_dim, cache_len, cache_len + n + 3,
@@ -153,6 +155,36 @@ def test_rope_cache_attention_matches_oracle(dtype, n, heads, kv_heads, head_dim
     assert torch.equal(v_cache[:, untouched], before_v[:, untouched])
     if mask == "random":
         assert bool((out[n // 2] == 0).all())  # the fully masked query
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_cache_attention_masked_keys_never_enter(dtype):
+    """A key no row sees may hold NaN keys and infinite values: the outputs are those of any
+    finite contents there (a softmax weight of 0 times inf would be NaN)."""
+    n, cache_len = 12, 290
+    args = list(attention_inputs(dtype, n, 9, 3, 64, cache_len, cache_len + n, seed=21,
+                                 mask="random"))
+    hidden = [3, 150, 200]
+    args[6][:, hidden] = False
+    clean = hx.rope_cache_attention(*[a.clone() if torch.is_tensor(a) else a for a in args])
+    args[3][:, hidden] = float("nan")
+    args[4][:, hidden] = float("inf")
+    assert torch.equal(hx.rope_cache_attention(*args), clean)
+
+
+def test_rope_cache_attention_is_the_same_on_any_thread_count():
+    """Rows are split into blocks by the thread count; every query's arithmetic is the same."""
+    args = attention_inputs(torch.bfloat16, 16, 9, 3, 64, 300, 316, seed=5, mask="random")
+    before = torch.get_num_threads()
+    outs = []
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outs.append(hx.rope_cache_attention(*[a.clone() if torch.is_tensor(a) else a
+                                                  for a in args]))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 def test_rope_cache_attention_is_sdpa_with_rope():

@@ -32,9 +32,21 @@ def tiny_qwen2(vocab=VOCAB, seed=0, layers=2, hidden=32):
     return model
 
 
+def random_norms(model):
+    """Every RMSNorm weight drawn from U(0.5, 1.5) (HF initialises them to ones, under which a
+    forward using the wrong layer's norm would go unnoticed)."""
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(0.5 + torch.rand(p.shape, generator=g))
+    return model
+
+
 MODELS = {
-    "llama-gqa": lambda: tiny_llama(VOCAB, seed=3, layers=3, hidden=32, logit_scale=10.0),
-    "qwen2-bias-tied": lambda: tiny_qwen2(seed=4),
+    "llama-gqa": lambda: random_norms(tiny_llama(VOCAB, seed=3, layers=3, hidden=32,
+                                                 logit_scale=10.0)),
+    "qwen2-bias-tied": lambda: random_norms(tiny_qwen2(seed=4)),
 }
 
 
@@ -45,30 +57,56 @@ def _hf_logits(model, tokens, positions=None, mask=None, cache=None):
                      use_cache=cache is not None).logits[0].float()
 
 
+def _ancestors(parents):
+    anc = torch.eye(len(parents), dtype=torch.bool)
+    for i in range(1, len(parents)):
+        anc[i] |= anc[parents[i]]
+    return anc
+
+
+def _lean(target, layer_ops):
+    """A LeanDecoder running its layers with the decode-layer ops ("fused") or as the torch
+    composition ("torch")."""
+    lean = LeanDecoder(target)
+    lean.w.fused = layer_ops == "fused"
+    return lean
+
+
+LAYER_OPS = ("fused", "torch")
+
+
+@pytest.mark.parametrize("layer_ops", LAYER_OPS)
 @pytest.mark.parametrize("name", MODELS)
-def test_lean_forward_equals_hf_float32(name):
+def test_lean_forward_equals_hf_float32(name, layer_ops):
     model = MODELS[name]()
     target = hs.CausalLM(model, name=name)
-    lean = LeanDecoder(target)
+    lean = _lean(target, layer_ops)
     ids = torch.randint(0, VOCAB, (37,), generator=torch.Generator().manual_seed(1))
     full = lean.prefill(ids, last_only=False).float()
     torch.testing.assert_close(full, _hf_logits(model, ids), atol=1e-4, rtol=1e-4)
     assert lean.length == 37
-    # a tree after the first 20 tokens: node 0 = token 20, two branches of depth 2
+    # one-token steps (the AR loop) take rope_cache_attention on the fused path
+    step = lean.prefill(ids[:1]).float()
+    torch.testing.assert_close(step, _hf_logits(model, torch.cat([ids, ids[:1]]))[-1:],
+                               atol=1e-4, rtol=1e-4)
+    # trees after the first 20 tokens: node 0 = token 20, two branches of depth 2 (5 nodes:
+    # torch's attention), and one of them alone (3 nodes: rope_cache_attention when fused)
+    for tokens, parents, depth in (
+            (torch.tensor([ids[20], 5, 9, 7, 11]), [-1, 0, 1, 0, 3], [0, 1, 2, 1, 2]),
+            (torch.tensor([ids[20], 7, 11]), [-1, 0, 1], [0, 1, 2])):
+        lean.reset()
+        lean.prefill(ids[:20])
+        tree = lean.tree_forward(tokens, torch.tensor(depth), _ancestors(parents)).float()
+        assert lean.length == 20  # uncommitted
+        for leaf in range(len(parents)):
+            path = [i for i in range(len(parents)) if _ancestors(parents)[leaf, i]]
+            seq = torch.cat([ids[:20], tokens[path]])
+            ref = _hf_logits(model, seq)[-1]
+            torch.testing.assert_close(tree[leaf], ref, atol=1e-4, rtol=1e-4)
     lean.reset()
     lean.prefill(ids[:20])
     tokens = torch.tensor([ids[20], 5, 9, 7, 11])
-    parents = [-1, 0, 1, 0, 3]
-    depth = torch.tensor([0, 1, 2, 1, 2])
-    anc = torch.eye(5, dtype=torch.bool)
-    for i in range(1, 5):
-        anc[i] |= anc[parents[i]]
-    tree = lean.tree_forward(tokens, depth, anc).float()
-    assert lean.length == 20  # uncommitted
-    for leaf_path in ([0, 1, 2], [0, 3, 4]):
-        seq = torch.cat([ids[:20], tokens[leaf_path]])
-        ref = _hf_logits(model, seq)[20:]
-        torch.testing.assert_close(tree[leaf_path], ref, atol=1e-4, rtol=1e-4)
+    lean.tree_forward(tokens, torch.tensor([0, 1, 2, 1, 2]), _ancestors([-1, 0, 1, 0, 3]))
     # commit the second branch: the cache then equals a plain forward of that sequence
     lean.compact(torch.tensor([0, 3, 4, -1, -1]), torch.tensor(2))
     assert lean.length == 23
@@ -79,8 +117,9 @@ def test_lean_forward_equals_hf_float32(name):
         torch.testing.assert_close(v, fv, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("layer_ops", LAYER_OPS)
 @pytest.mark.parametrize("name", MODELS)
-def test_lean_forward_bfloat16_is_within_rounding(name):
+def test_lean_forward_bfloat16_is_within_rounding(name, layer_ops):
     """bfloat16 weights: the lean forward is at least as close to the float32 function as the
     HF module in bfloat16 is (it keeps the residual stream in float32)."""
     model = MODELS[name]()
@@ -88,10 +127,50 @@ def test_lean_forward_bfloat16_is_within_rounding(name):
     exact = _hf_logits(model, ids)
     bf16 = MODELS[name]()._apply(lambda t: t.bfloat16() if t.is_floating_point() else t)
     hf_err = (_hf_logits(bf16, ids) - exact).abs().max().item()
-    lean = LeanDecoder(hs.CausalLM(bf16, name=name, check_tree_attention=False))
+    lean = _lean(hs.CausalLM(bf16, name=name, check_tree_attention=False), layer_ops)
     lean_err = (lean.prefill(ids, last_only=False).float() - exact).abs().max().item()
     scale = exact.abs().max().item()
     assert lean_err <= max(1.25 * hf_err, 0.02 * scale), (lean_err, hf_err, scale)
+    # one-token steps (rope_cache_attention on the fused path), against HF in bfloat16
+    for t in range(3):
+        seq = torch.cat([ids, ids[:t + 1]])
+        step_err = (lean.prefill(ids[t:t + 1]).float() - _hf_logits(model, seq)[-1:]).abs()
+        hf_step_err = (_hf_logits(bf16, seq)[-1:] - _hf_logits(model, seq)[-1:]).abs()
+        assert step_err.max() <= max(1.25 * hf_step_err.max(), 0.02 * scale)
+
+
+@pytest.mark.parametrize("fused_attention_rows", [4, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_layer_ops_match_the_torch_composition(dtype, fused_attention_rows, monkeypatch):
+    """The fused layer (decode-layer ops) and the torch composition compute the same function:
+    prefill, one-token steps and trees of 3 and 9 nodes (the 9-node tree through torch's
+    attention or rope_cache_attention), with captured hidden states."""
+    import heterospec.lean_target as lt
+
+    monkeypatch.setattr(lt, "FUSED_ATTENTION_MAX_ROWS", fused_attention_rows)
+    model = MODELS["llama-gqa"]()._apply(lambda t: t.to(dtype) if t.is_floating_point() else t)
+    target = hs.CausalLM(model, check_tree_attention=False)
+    target.capture_hidden_states([0, 2])
+    ids = torch.randint(0, VOCAB, (30,), generator=torch.Generator().manual_seed(7))
+    parents = [-1, 0, 1, 0, 3, 3, 1, 6, 0]
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.1, rtol=0.02)
+    outs = {}
+    for layer_ops in LAYER_OPS:
+        lean = _lean(target, layer_ops)
+        got = [lean.prefill(ids[:25], last_only=False), target.captured_hidden,
+               lean.prefill(ids[25:26]), target.captured_hidden]
+        for size in (3, 9):
+            anc = _ancestors(parents[:size])
+            depth = anc.sum(1) - 1
+            got += [lean.tree_forward(ids[26:26 + size] if size == 3 else ids[20:29], depth, anc),
+                    target.captured_hidden]
+        lean.compact(torch.tensor([0, 3, 5, -1]), 2)
+        got.append(lean.prefill(ids[29:30]))
+        outs[layer_ops] = got
+        assert lean.w.fused == (layer_ops == "fused")
+    for a, b in zip(outs["fused"], outs["torch"]):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a.float(), b.float(), **tol)
 
 
 def test_capture_matches_hf_hidden_states():

@@ -21,7 +21,13 @@ As a script (the numbers in bench/RESULTS.md)::
    per-level cost as in 2, then end to end (static d3 k6 N16, greedy, ``--new-tokens`` tokens on
    ``--prompts`` prompts per set, ``--reps`` rounds): drafting ms per cycle and tok/s, medians of
    the per-pair ratios.
-5. **AR against HF generate.** Greedy decoding of ``--new-tokens`` tokens on HumanEval, GSM8K
+5. **The target's decode-layer ops against its torch composition** (``--parts target-ops``).
+   The lean verifier with ``LeanWeights.fused`` on and off in alternation: one tree forward of
+   N = 1..24 nodes after the ``--prefix``-token context (median of ``--reps`` rounds of three),
+   then end to end our AR loop and the static tree d3 k6 N16 with the shipped head
+   (``--new-tokens`` tokens on ``--prompts`` prompts per set): tok/s, medians of the per-pair
+   ratios.
+6. **AR against HF generate.** Greedy decoding of ``--new-tokens`` tokens on HumanEval, GSM8K
    and MT-bench prompts: our AR loop (lean verifier) and ``model.generate`` for each dtype x
    attention; median of ``--reps`` per prompt, summed over prompts.
 
@@ -182,6 +188,66 @@ def decode_layer_ops_ab(target, tok, prompts_per_set, new_tokens, reps):
     return out
 
 
+def target_ops_ab(target, prefix_ids, tok, prompts_per_set, new_tokens, reps):
+    """The lean verifier with and without the decode-layer ops, alternating in one process."""
+    from heterospec.eagle3 import SHIPPED_HEAD_DIR, Eagle3Drafter
+    from heterospec.generate import SpeculativeGenerator, autoregressive_generate
+    from heterospec.lean_target import LeanDecoder, LeanWeights
+    from heterospec.policy import StaticTree
+    from heterospec.prompts import encode, load_prompts
+
+    weights = LeanWeights.of(target)
+    sizes = [1, 4, 8, 16, 24]
+    lean = LeanDecoder(target)
+    times = {(fused, n): [] for fused in (True, False) for n in sizes}
+    for rep in range(reps):
+        for fused in ((True, False) if rep % 2 == 0 else (False, True)):
+            weights.fused = fused
+            lean.reset()
+            lean.prefill(prefix_ids)
+            for n in sizes:
+                t0 = time.perf_counter()
+                for _ in range(3):
+                    lean.tree_forward(prefix_ids[:n], torch.arange(n), chain(n))
+                times[(fused, n)].append(1e3 * (time.perf_counter() - t0) / 3)
+    curve = {name: {n: statistics.median(times[(fused, n)]) for n in sizes}
+             for name, fused in (("ops", True), ("composition", False))}
+    print("verify forward ms, ops / composition: " + ", ".join(
+        f"N={n}: {curve['ops'][n]:.1f} / {curve['composition'][n]:.1f}" for n in sizes),
+        flush=True)
+    drafter = Eagle3Drafter.from_pretrained(SHIPPED_HEAD_DIR, target, top_k=6)
+    gen = SpeculativeGenerator(target, drafter, StaticTree(depth=3, top_k=6, total_tokens=16))
+    prompts = [encode(tok, p["text"], p["chat"]) for s in ("humaneval", "gsm8k", "mtbench")
+               for p in load_prompts(s, prompts_per_set)]
+    gen.generate(prompts[0], 8)
+    autoregressive_generate(target, prompts[0], 4)
+    runs, ratios = [], {"ar": [], "static tree": []}
+    for rep in range(reps):
+        for ids in prompts:
+            pair = {}
+            for fused in ((True, False) if rep % 2 == 0 else (False, True)):
+                weights.fused = fused
+                for method in ("ar", "static tree"):
+                    st = (autoregressive_generate(target, ids, new_tokens) if method == "ar"
+                          else gen.generate(ids, new_tokens)).stats
+                    pair[(method, fused)] = st.new_tokens / st.wall_time_s
+                    runs.append({"fused": fused, "method": method, "tok_s": pair[(method, fused)]})
+            for method in ratios:
+                ratios[method].append(pair[(method, True)] / pair[(method, False)])
+    weights.fused = True
+    out = {"verify_ms": curve, "runs": runs, "tok_s": {}, "tok_s_ratio_median": {}}
+    for method in ratios:
+        out["tok_s"][method] = {name: statistics.median(
+            r["tok_s"] for r in runs if r["method"] == method and r["fused"] == fused)
+            for name, fused in (("ops", True), ("composition", False))}
+        out["tok_s_ratio_median"][method] = statistics.median(ratios[method])
+        print(f"{method}: {out['tok_s'][method]['ops']:.1f} against "
+              f"{out['tok_s'][method]['composition']:.1f} tok/s (median ratio "
+              f"{statistics.median(ratios[method]):.2f}, {min(ratios[method]):.2f}-"
+              f"{max(ratios[method]):.2f})", flush=True)
+    return out
+
+
 def draft_cost_by_vocab(target, prompt_ids, sizes, reps, top_k=8):
     """{draft vocabulary size: per-level ms} of random heads shaped like the shipped one."""
     import tempfile
@@ -267,6 +333,9 @@ def main(argv=None):
     if "ops" in parts:
         result["decode_layer_ops"] = decode_layer_ops_ab(targets["bfloat16"], tok, args.prompts,
                                                          args.new_tokens, args.reps)
+    if "target-ops" in parts:
+        result["target_decode_layer_ops"] = target_ops_ab(
+            targets["bfloat16"], prefix, tok, args.prompts, args.new_tokens, args.reps)
     if "ar" in parts:
         prompts = [encode(tok, p["text"], p["chat"]) for s in ("humaneval", "gsm8k", "mtbench")
                    for p in load_prompts(s, args.prompts)]

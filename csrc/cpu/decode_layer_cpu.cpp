@@ -1,6 +1,6 @@
 // CPU kernels of the decode-layer ops: the small steps between the GEMMs of a
-// Llama-style decoder layer (an EAGLE-3 draft head's layer) at decode sizes,
-// each fused into one pass over its rows.
+// Llama-style decoder layer (an EAGLE-3 draft head's layer, the lean target's
+// layers) at decode sizes, each fused into one pass over its rows.
 //
 // Why: at a handful of rows each of these steps is tens of kilobytes of data,
 // but as torch compositions they are 30-odd ops per layer, each paying its
@@ -43,7 +43,6 @@ namespace {
 #endif
 
 constexpr int kLanes = 8;
-using cpu_attention::kMaxGroup;
 using Vec = cpu::Simd<kLanes>;
 
 HX_CPU_ALWAYS_INLINE float to_float(float x) { return x; }
@@ -68,6 +67,14 @@ HX_CPU_ALWAYS_INLINE c10::BFloat16 from_float<c10::BFloat16>(float x) {
 
 // n rounded up to whole Vec vectors.
 inline int64_t whole_vectors(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
+
+// The loops that are all arithmetic (SiLU, the attention's scores and weighted sums) use 16
+// lanes: one AVX-512 register in the x86-64-v4 clone, two in the AVX2 one.
+constexpr int kWideLanes = 16;
+using WideVec = cpu::Simd<kWideLanes>;
+inline int64_t whole_wide_vectors(int64_t n) {
+  return (n + kWideLanes - 1) / kWideLanes * kWideLanes;
+}
 
 // Rows per parallel_for task for row-wise kernels of `width` columns: a task
 // takes about 64 K elements, so a decode-size call stays on one thread.
@@ -187,14 +194,14 @@ at::Tensor fused_add_rms_norm_cpu(at::Tensor& residual, const at::Tensor& delta_
 // Gates per tile of silu_and_mul (one L1-resident float buffer).
 constexpr int64_t kSiluTile = 512;
 
-// sigmoid(g) from exp(-|g|) <= 1, so the exp never overflows.
-HX_CPU_ALWAYS_INLINE Vec::F silu(Vec::F g) {
-  Vec::F unused;
-  const Vec::F magnitude = g < Vec::splat(0.0f) ? -g : g;
-  const Vec::F e = Vec::exp_nonpositive(-magnitude, &unused);
-  const Vec::F one = Vec::splat(1.0f);
-  const Vec::F sigmoid = g < Vec::splat(0.0f) ? e / (one + e) : one / (one + e);
-  return g * sigmoid;
+// sigmoid(g) from exp(-|g|) <= 1, so the exp never overflows: e / (1 + e) for g < 0, else
+// 1 / (1 + e), as one division.
+HX_CPU_ALWAYS_INLINE WideVec::F silu(WideVec::F g) {
+  WideVec::F unused;
+  const WideVec::F zero = WideVec::splat(0.0f);
+  const WideVec::F one = WideVec::splat(1.0f);
+  const WideVec::F e = WideVec::exp_nonpositive(g < zero ? g : -g, &unused);
+  return g * ((g < zero ? e : one) / (one + e));
 }
 
 // Rows [begin, end) of silu_and_mul, a row in tiles: gates to float (vectorised), SiLU in Vec
@@ -209,12 +216,12 @@ HX_CPU_ALWAYS_INLINE void silu_and_mul_rows(const T* src, T* dst, int64_t begin,
     T* o_row = dst + i * width;
     for (int64_t d0 = 0; d0 < width; d0 += kSiluTile) {
       const int64_t len = std::min<int64_t>(kSiluTile, width - d0);
-      const int64_t padded = whole_vectors(len);
+      const int64_t padded = whole_wide_vectors(len);
 #pragma omp simd
       for (int64_t l = 0; l < len; ++l) tile[l] = to_float(g_row[d0 + l]);
       for (int64_t l = len; l < padded; ++l) tile[l] = 0.0f;
-      for (int64_t l = 0; l < padded; l += kLanes) {
-        const Vec::F s = silu(Vec::load(tile + l));
+      for (int64_t l = 0; l < padded; l += kWideLanes) {
+        const WideVec::F s = silu(WideVec::load(tile + l));
         std::memcpy(tile + l, &s, sizeof(s));
       }
 #pragma omp simd
@@ -270,6 +277,12 @@ HX_CPU_ALWAYS_INLINE void rotate(const T* x, const float* table, int64_t head_di
   }
 }
 
+// The attention of a block of query rows over one KV head: the block's queries (its rows'
+// `group` query heads) against the same keys. The head's keys are converted to float once per
+// block, transposed (kt[d][j]), so that the scores of kWideLanes keys are one vector sum over d of
+// q[d] * kt[d][j..] (no horizontal sums), and its values once (vf[j][d]). Both are walked in
+// blocks of kKeyBlock keys, every query taking its turn on a block while it sits in L1. The
+// softmax is two-pass, in float32. A query with no visible key gets zeros.
 template <typename T>
 struct AttentionArgs {
   const T* qkv;         // [n, (heads + 2 kv_heads) * head_dim]
@@ -283,113 +296,252 @@ struct AttentionArgs {
   int64_t keys, heads, kv_heads, head_dim;
 };
 
-// Floats of scratch per parallel_for task of the attention: per query head of a group its
-// scores (`keys` rounded up to whole vectors), q and accumulator, then one K / V row.
-inline int64_t attention_scratch(int64_t keys, int64_t group, int64_t head_dim) {
-  return group * (whole_vectors(keys) + 2 * head_dim) + head_dim;
+constexpr int kKeyVectors = 8;  // vectors of keys per block (8 accumulators: both FMA pipes)
+constexpr int64_t kKeyBlock = kKeyVectors * kWideLanes;
+
+// Floats of scratch per task of `rows` rows: the head's keys transposed and its values
+// ([hd, kp] and [kp, hd], kp = keys in whole vectors), then per query (rows * group) its
+// scores [kp], the query and its output accumulator [hd] each, and 1 / its softmax sum.
+inline int64_t attention_scratch(int64_t keys, int64_t head_dim, int64_t queries) {
+  const int64_t kp = whole_wide_vectors(keys);
+  return 2 * head_dim * kp + queries * (kp + 2 * head_dim + 1);
 }
 
-// Output rows of the (row, KV head) items [begin, end): the `group` query heads that share a
-// KV head are done together, so each K and V row is read and converted once for all of them.
+// The visible keys of a block's rows: per row, whether every key is visible, else the list of
+// the visible ones and a float copy of its mask row (1 visible, 0 not) for vector selects.
+struct VisibleKeys {
+  std::vector<int32_t> list;   // [rows, keys]
+  std::vector<int64_t> count;  // [rows]; keys when the row sees every key
+  std::vector<float> keep;     // [rows, kp]
+};
+
+// scores[j0 .. j0 + kNV * kWideLanes) = sum_d q[d] * kt[d][j..], in kNV independent accumulators.
+template <int kNV>
+HX_CPU_ALWAYS_INLINE void score_vectors(const float* q, const float* kt, int64_t kp,
+                                        int64_t hd, int64_t j0, float* scores) {
+  WideVec::F acc[kNV];
+  for (int v = 0; v < kNV; ++v) acc[v] = WideVec::F{};
+  for (int64_t d = 0; d < hd; ++d) {
+    const WideVec::F qd = WideVec::splat(q[d]);
+    const float* row = kt + d * kp + j0;
+    for (int v = 0; v < kNV; ++v) acc[v] += qd * WideVec::load(row + v * kWideLanes);
+  }
+  std::memcpy(scores + j0, acc, sizeof(acc));
+}
+
+// acc[0 .. kHV * kWideLanes) += sum over keys j = key(t), t in [t0, t1), of p[j] * vf[j][..]
+// (head_dim == kHV * kWideLanes): two keys per step into two register accumulators, so that
+// 2 * kHV FMA chains are in flight. `key` maps a step to a key: the identity over a dense
+// range, or a row's list of visible keys.
+template <int kHV, typename KeyOf>
+HX_CPU_ALWAYS_INLINE void weighted_values(const float* p, const float* vf, KeyOf key, int64_t t0,
+                                          int64_t t1, float* out) {
+  WideVec::F acc0[kHV], acc1[kHV];
+  for (int v = 0; v < kHV; ++v) {
+    acc0[v] = WideVec::load(out + v * kWideLanes);
+    acc1[v] = WideVec::F{};
+  }
+  int64_t t = t0;
+  for (; t + 1 < t1; t += 2) {
+    const int64_t j0 = key(t), j1 = key(t + 1);
+    const WideVec::F p0 = WideVec::splat(p[j0]), p1 = WideVec::splat(p[j1]);
+    const float* r0 = vf + j0 * kHV * kWideLanes;
+    const float* r1 = vf + j1 * kHV * kWideLanes;
+    for (int v = 0; v < kHV; ++v) {
+      acc0[v] += p0 * WideVec::load(r0 + v * kWideLanes);
+      acc1[v] += p1 * WideVec::load(r1 + v * kWideLanes);
+    }
+  }
+  if (t < t1) {
+    const int64_t j = key(t);
+    const WideVec::F pj = WideVec::splat(p[j]);
+    for (int v = 0; v < kHV; ++v) acc0[v] += pj * WideVec::load(vf + (j * kHV + v) * kWideLanes);
+  }
+  for (int v = 0; v < kHV; ++v) acc0[v] += acc1[v];
+  std::memcpy(out, acc0, sizeof(acc0));
+}
+
+// The same for any head_dim.
+template <typename KeyOf>
+HX_CPU_ALWAYS_INLINE void weighted_values_any(const float* p, const float* vf, KeyOf key,
+                                              int64_t t0, int64_t t1, int64_t hd, float* out) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const int64_t j = key(t);
+    const float pj = p[j];
+#pragma omp simd
+    for (int64_t d = 0; d < hd; ++d) out[d] += pj * vf[j * hd + d];
+  }
+}
+
+template <typename KeyOf>
+HX_CPU_ALWAYS_INLINE void add_weighted_values(const float* p, const float* vf, KeyOf key,
+                                              int64_t t0, int64_t t1, int64_t hd, float* out) {
+  if (hd == 4 * kWideLanes) {
+    weighted_values<4>(p, vf, key, t0, t1, out);
+  } else if (hd == 8 * kWideLanes) {
+    weighted_values<8>(p, vf, key, t0, t1, out);
+  } else {
+    weighted_values_any(p, vf, key, t0, t1, hd, out);
+  }
+}
+
+// Rows [row_begin, row_end) of KV head `kv`.
 template <typename T>
-HX_CPU_ALWAYS_INLINE void attend(const AttentionArgs<T>& a, int64_t begin, int64_t end,
-                                 float* scratch) {
+HX_CPU_ALWAYS_INLINE void attend(const AttentionArgs<T>& a, int64_t kv, int64_t row_begin,
+                                 int64_t row_end, float* scratch, VisibleKeys& vis) {
   const int64_t hd = a.head_dim;
+  const int64_t keys = a.keys;
+  const int64_t kp = whole_wide_vectors(keys);
   const int64_t width = (a.heads + 2 * a.kv_heads) * hd;
   const int64_t group = a.heads / a.kv_heads;
-  const int64_t padded = whole_vectors(a.keys);
-  float* scores = scratch;                  // [group, padded]
-  float* q = scores + group * padded;       // [group, hd]
-  float* acc = q + group * hd;              // [group, hd]
-  float* row = acc + group * hd;            // [hd]: one K or V row in float
+  const int64_t rows = row_end - row_begin;
+  const int64_t queries = rows * group;  // query qi: row qi / group, head qi % group
+  float* kt = scratch;                   // [hd, kp]
+  float* vf = kt + hd * kp;              // [kp, hd]
+  float* scores = vf + kp * hd;          // [queries, kp]
+  float* q = scores + queries * kp;      // [queries, hd]
+  float* acc = q + queries * hd;         // [queries, hd]
+  float* inv_sum = acc + queries * hd;   // [queries]; 0: no visible key
   const float scale = 1.0f / std::sqrt(static_cast<float>(hd));
   const float neg_inf = -std::numeric_limits<float>::infinity();
-  for (int64_t item = begin; item < end; ++item) {
-    const int64_t i = item / a.kv_heads;
-    const int64_t kv = item % a.kv_heads;
-    const T* k_head = a.k_cache + kv * a.cache_head_stride;
-    const T* v_head = a.v_cache + kv * a.cache_head_stride;
-    const float* table = a.rope + a.positions[i] * 2 * hd;
-    for (int64_t g = 0; g < group; ++g) {
-      float* qg = q + g * hd;
-      rotate(a.qkv + i * width + (kv * group + g) * hd, table, hd, qg);
+  const T* k_head = a.k_cache + kv * a.cache_head_stride;
+  const T* v_head = a.v_cache + kv * a.cache_head_stride;
+  for (int64_t j = 0; j < keys; ++j) {
+    const T* k = k_head + j * hd;
+    for (int64_t d = 0; d < hd; ++d) kt[d * kp + j] = to_float(k[d]);
+  }
+  for (int64_t d = 0; d < hd; ++d) {
+    for (int64_t j = keys; j < kp; ++j) kt[d * kp + j] = 0.0f;
+  }
 #pragma omp simd
-      for (int64_t d = 0; d < hd; ++d) qg[d] = to_float(from_float<T>(qg[d])) * scale;
-    }
-    const bool* mask = a.visible ? a.visible + i * a.keys : nullptr;
-    bool any_visible = false;
-    for (int64_t j = 0; j < a.keys; ++j) {
-      if (mask && !mask[j]) {
-        for (int64_t g = 0; g < group; ++g) scores[g * padded + j] = neg_inf;
-        continue;
+  for (int64_t e = 0; e < keys * hd; ++e) vf[e] = to_float(v_head[e]);
+  vis.list.resize(static_cast<size_t>(rows * keys));
+  vis.count.resize(static_cast<size_t>(rows));
+  vis.keep.resize(static_cast<size_t>(rows * kp));
+  for (int64_t r = 0; r < rows; ++r) {
+    int64_t count = keys;
+    if (a.visible) {
+      const bool* mask = a.visible + (row_begin + r) * keys;
+      int32_t* list = vis.list.data() + r * keys;
+      float* keep = vis.keep.data() + r * kp;
+      count = 0;
+      for (int64_t j = 0; j < keys; ++j) {
+        list[count] = static_cast<int32_t>(j);
+        count += mask[j] ? 1 : 0;
+        keep[j] = mask[j] ? 1.0f : 0.0f;
       }
-      any_visible = true;
-      const T* k = k_head + j * hd;
+      for (int64_t j = keys; j < kp; ++j) keep[j] = 0.0f;
+    }
+    vis.count[static_cast<size_t>(r)] = count;
+  }
+  auto dense = [&](int64_t qi) { return vis.count[static_cast<size_t>(qi / group)] == keys; };
+  // 1. The queries: RoPE, rounded to T (as a bfloat16 cache holds them), scaled.
+  for (int64_t qi = 0; qi < queries; ++qi) {
+    const int64_t i = row_begin + qi / group;
+    const int64_t head = kv * group + qi % group;
+    float* qq = q + qi * hd;
+    rotate(a.qkv + i * width + head * hd, a.rope + a.positions[i] * 2 * hd, hd, qq);
 #pragma omp simd
-      for (int64_t d = 0; d < hd; ++d) row[d] = to_float(k[d]);
-      for (int64_t g = 0; g < group; ++g) {
-        const float* qg = q + g * hd;
-        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < hd; ++d) dot += qg[d] * row[d];
-        scores[g * padded + j] = dot;
+    for (int64_t d = 0; d < hd; ++d) qq[d] = to_float(from_float<T>(qq[d])) * scale;
+  }
+  // 2. Scores, a block of keys at a time for every query.
+  int64_t j0 = 0;
+  for (; j0 + kKeyBlock <= kp; j0 += kKeyBlock) {
+    for (int64_t qi = 0; qi < queries; ++qi) {
+      score_vectors<kKeyVectors>(q + qi * hd, kt, kp, hd, j0, scores + qi * kp);
+    }
+  }
+  if (j0 < kp) {  // the last 1-7 vectors, as many accumulators as vectors
+    for (int64_t qi = 0; qi < queries; ++qi) {
+      const float* qq = q + qi * hd;
+      float* sq = scores + qi * kp;
+      switch ((kp - j0) / kWideLanes) {
+        case 1: score_vectors<1>(qq, kt, kp, hd, j0, sq); break;
+        case 2: score_vectors<2>(qq, kt, kp, hd, j0, sq); break;
+        case 3: score_vectors<3>(qq, kt, kp, hd, j0, sq); break;
+        case 4: score_vectors<4>(qq, kt, kp, hd, j0, sq); break;
+        case 5: score_vectors<5>(qq, kt, kp, hd, j0, sq); break;
+        case 6: score_vectors<6>(qq, kt, kp, hd, j0, sq); break;
+        default: score_vectors<7>(qq, kt, kp, hd, j0, sq); break;
       }
     }
-    T* out_row = a.out + i * a.heads * hd + kv * group * hd;
-    if (!any_visible) {  // no visible key: zero rows, never NaN
-      for (int64_t d = 0; d < group * hd; ++d) out_row[d] = from_float<T>(0.0f);
+  }
+  // 3. Softmax numerators in place of the scores (masked keys: 0), and 1 / their sums.
+  for (int64_t qi = 0; qi < queries; ++qi) {
+    float* sq = scores + qi * kp;
+    if (vis.count[static_cast<size_t>(qi / group)] == 0) {
+      inv_sum[qi] = 0.0f;
       continue;
     }
-    float inv_sum[kMaxGroup];
-    for (int64_t g = 0; g < group; ++g) {
-      float* sg = scores + g * padded;
-      for (int64_t j = a.keys; j < padded; ++j) sg[j] = neg_inf;
-      Vec::F vmax = Vec::splat(neg_inf);
-      for (int64_t j = 0; j < padded; j += kLanes) {
-        const Vec::F x = Vec::load(sg + j);
-        vmax = x > vmax ? x : vmax;
-      }
-      const Vec::F m = Vec::splat(Vec::horizontal_max(vmax));
-      Vec::F sum = Vec::F{};
-      for (int64_t j = 0; j < padded; j += kLanes) {
-        Vec::F unused;
-        const Vec::F p = Vec::exp_nonpositive(Vec::load(sg + j) - m, &unused);
-        std::memcpy(sg + j, &p, sizeof(p));
-        sum += p;
-      }
-      inv_sum[g] = 1.0f / static_cast<float>(Vec::horizontal_sum(sum));
-    }
-    for (int64_t d = 0; d < group * hd; ++d) acc[d] = 0.0f;
-    for (int64_t j = 0; j < a.keys; ++j) {
-      if (mask && !mask[j]) continue;
-      const T* v = v_head + j * hd;
-#pragma omp simd
-      for (int64_t d = 0; d < hd; ++d) row[d] = to_float(v[d]);
-      for (int64_t g = 0; g < group; ++g) {
-        const float p = scores[g * padded + j];
-        float* ag = acc + g * hd;
-#pragma omp simd
-        for (int64_t d = 0; d < hd; ++d) ag[d] += p * row[d];
+    if (!dense(qi)) {
+      const float* keep = vis.keep.data() + qi / group * kp;
+      for (int64_t j = 0; j < kp; j += kWideLanes) {
+        const WideVec::F x = WideVec::load(sq + j);
+        const WideVec::F y = WideVec::load(keep + j) != WideVec::splat(0.0f) ? x : WideVec::splat(neg_inf);
+        std::memcpy(sq + j, &y, sizeof(y));
       }
     }
-    for (int64_t g = 0; g < group; ++g) {
-#pragma omp simd
-      for (int64_t d = 0; d < hd; ++d) {
-        out_row[g * hd + d] = from_float<T>(acc[g * hd + d] * inv_sum[g]);
-      }
+    for (int64_t j = keys; j < kp; ++j) sq[j] = neg_inf;
+    WideVec::F vmax = WideVec::splat(neg_inf);
+    for (int64_t j = 0; j < kp; j += kWideLanes) {
+      const WideVec::F x = WideVec::load(sq + j);
+      vmax = x > vmax ? x : vmax;
     }
+    const WideVec::F m = WideVec::splat(WideVec::horizontal_max(vmax));
+    WideVec::F sum = WideVec::F{};
+    for (int64_t j = 0; j < kp; j += kWideLanes) {
+      WideVec::F unused;
+      const WideVec::F p = WideVec::exp_nonpositive(WideVec::load(sq + j) - m, &unused);
+      std::memcpy(sq + j, &p, sizeof(p));
+      sum += p;
+    }
+    inv_sum[qi] = 1.0f / static_cast<float>(WideVec::horizontal_sum(sum));
+  }
+  // 4. The weighted values, a block of keys at a time for every query. A row with masked keys
+  //    walks its list of visible ones (masked values never enter, whatever they hold).
+  for (int64_t e = 0; e < queries * hd; ++e) acc[e] = 0.0f;
+  std::vector<int64_t> cursor(static_cast<size_t>(queries), 0);  // position in the row's list
+  for (int64_t b0 = 0; b0 < keys; b0 += kKeyBlock) {
+    const int64_t b1 = std::min<int64_t>(keys, b0 + kKeyBlock);
+    for (int64_t qi = 0; qi < queries; ++qi) {
+      if (inv_sum[qi] == 0.0f) continue;
+      const float* p = scores + qi * kp;
+      float* out = acc + qi * hd;
+      if (dense(qi)) {
+        add_weighted_values(p, vf, [](int64_t t) { return t; }, b0, b1, hd, out);
+        continue;
+      }
+      const int32_t* list = vis.list.data() + qi / group * keys;
+      const int64_t count = vis.count[static_cast<size_t>(qi / group)];
+      int64_t& t0 = cursor[static_cast<size_t>(qi)];
+      int64_t t1 = t0;
+      while (t1 < count && list[t1] < b1) ++t1;
+      add_weighted_values(p, vf, [list](int64_t t) { return static_cast<int64_t>(list[t]); },
+                          t0, t1, hd, out);
+      t0 = t1;
+    }
+  }
+  for (int64_t qi = 0; qi < queries; ++qi) {
+    const int64_t i = row_begin + qi / group;
+    const int64_t head = kv * group + qi % group;
+    T* out_row = a.out + i * a.heads * hd + head * hd;
+    const float* src = acc + qi * hd;
+    const float inv = inv_sum[qi];  // 0 for a query that sees no key: a zero row, never NaN
+#pragma omp simd
+    for (int64_t d = 0; d < hd; ++d) out_row[d] = from_float<T>(src[d] * inv);
   }
 }
 
 // One overload per activation type, each compiled as clones.
-HX_CPU_CLONES void attend_cloned(const AttentionArgs<float>& a, int64_t begin, int64_t end,
-                                 float* scratch) {
-  attend(a, begin, end, scratch);
+HX_CPU_CLONES void attend_cloned(const AttentionArgs<float>& a, int64_t kv, int64_t row_begin,
+                                 int64_t row_end, float* scratch, VisibleKeys& vis) {
+  attend(a, kv, row_begin, row_end, scratch, vis);
 }
 
-HX_CPU_CLONES void attend_cloned(const AttentionArgs<c10::BFloat16>& a, int64_t begin,
-                                 int64_t end, float* scratch) {
-  attend(a, begin, end, scratch);
+HX_CPU_CLONES void attend_cloned(const AttentionArgs<c10::BFloat16>& a, int64_t kv,
+                                 int64_t row_begin, int64_t row_end, float* scratch,
+                                 VisibleKeys& vis) {
+  attend(a, kv, row_begin, row_end, scratch, vis);
 }
 
 at::Tensor rope_cache_attention_cpu(const at::Tensor& qkv_in, const at::Tensor& rope_in,
@@ -443,13 +595,24 @@ at::Tensor rope_cache_attention_cpu(const at::Tensor& qkv_in, const at::Tensor& 
         std::copy(v, v + hd, v_dst + at_row);
       }
     }
-    // 2. One (row, KV head) item at a time; a task takes about 256 K multiply-adds.
-    const int64_t per_item = std::max<int64_t>(1, a.keys * hd * 2 * (num_heads / num_kv_heads));
-    const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 18) / per_item);
-    const int64_t scratch_floats = attention_scratch(a.keys, num_heads / num_kv_heads, hd);
-    at::parallel_for(0, n * num_kv_heads, grain, [&](int64_t begin, int64_t end) {
+    // 2. Items are (KV head, block of rows): a block shares one float copy of its head's
+    //    keys and values, so the rows are split into only as many blocks as it takes to give
+    //    every thread about two items.
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+    const int64_t blocks = std::min<int64_t>(
+        n, std::max<int64_t>(1, (2 * threads + num_kv_heads - 1) / num_kv_heads));
+    const int64_t rows_per_block = (n + blocks - 1) / blocks;
+    const int64_t scratch_floats =
+        attention_scratch(a.keys, hd, rows_per_block * (num_heads / num_kv_heads));
+    at::parallel_for(0, num_kv_heads * blocks, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch(static_cast<size_t>(scratch_floats));
-      attend_cloned(a, begin, end, scratch.data());
+      VisibleKeys vis;
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t kv = item % num_kv_heads;
+        const int64_t row_begin = item / num_kv_heads * rows_per_block;
+        const int64_t row_end = std::min<int64_t>(n, row_begin + rows_per_block);
+        if (row_begin < row_end) attend_cloned(a, kv, row_begin, row_end, scratch.data(), vis);
+      }
     });
   });
   return out;

@@ -33,6 +33,12 @@ struct VecTypes<8> {
   typedef float F __attribute__((vector_size(32)));
   typedef int32_t I __attribute__((vector_size(32)));
 };
+// 16 lanes: one AVX-512 register (two AVX2 ones, four SSE2 ones in code compiled for those).
+template <>
+struct VecTypes<16> {
+  typedef float F __attribute__((vector_size(64)));
+  typedef int32_t I __attribute__((vector_size(64)));
+};
 
 template <int Lanes>
 struct Simd {

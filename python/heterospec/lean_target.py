@@ -4,9 +4,12 @@ pre-packed for the CPU GEMM library, over a preallocated KV cache.
 Why not the Hugging Face module: on a 2-core CPU a decode step of SmolLM2-135M through
 ``LlamaForCausalLM`` in bfloat16 spends more time in per-call weight re-layout, mask building and
 small tensor copies than in reading the weights (bench/RESULTS.md). Here each decoder layer is
-four packed GEMMs (q/k/v fused, o, gate/up fused, down), two fused RMSNorms, RoPE from a
-precomputed table and one ``scaled_dot_product_attention`` over the cache; the residual stream
-stays in float32 whatever the weight dtype.
+four packed GEMMs (q/k/v fused, o, gate/up fused, down) and, between them, the decode-layer ops
+of ``heterospec_ext``: ``fused_add_rms_norm`` (residual add and the next norm in one pass),
+``silu_and_mul``, and up to 16 rows ``rope_cache_attention`` (RoPE, cache append and
+attention; more rows, a prompt's, take RoPE from a precomputed table and torch's
+``scaled_dot_product_attention``, which is faster there). The residual stream stays in float32 whatever the weight dtype. Weight dtypes
+the ops do not take (float16) run the same layer as a torch composition.
 
 It computes the same function as the HF model (same weights, same normalisation, rotary and
 attention); only the float rounding order differs. ``tests/test_lean_target.py`` compares its
@@ -24,6 +27,8 @@ from typing import List, Optional
 import torch
 import torch.nn.functional as F
 
+import heterospec_ext as hx
+
 from .errors import GenerationConfigError, UnsupportedModelError
 from .packed_linear import PackedLinear
 from .target import CausalLM
@@ -35,6 +40,11 @@ STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # prompt tokens per prefill forward: bounds the mask's memory and returns control to Python
 # (Ctrl-C) between chunks, at no measurable cost in GEMM efficiency
 PREFILL_CHUNK = 512
+# up to this many new rows (one-token steps and trees of up to 16 nodes), LeanDecoder's
+# attention is rope_cache_attention: against RoPE + torch's attention at a 300-token cache it
+# is 2.8x faster at 1 row and 1.3x at 16, about even at 16 over a 700-token cache, slower
+# beyond (bench/RESULTS.md)
+FUSED_ATTENTION_MAX_ROWS = 16
 
 
 def lean_unsupported_reason(model) -> Optional[str]:
@@ -145,6 +155,8 @@ class LeanWeights:
         self.lm_head = PackedLinear(model.lm_head.weight, getattr(model.lm_head, "bias", None),
                                     dtype)
         self.rope = RopeTable(body.rotary_emb, self.context)
+        # the decode-layer ops between the GEMMs (False: the torch composition, same function)
+        self.fused = dtype in hx.DECODE_LAYER_DTYPES
 
     @staticmethod
     def of(target: CausalLM) -> "LeanWeights":
@@ -273,55 +285,92 @@ class LeanDecoder:
         """Logits of ``tokens`` ``[n]`` at ``positions`` ``[n]``, writing their K/V at cache
         slots ``start .. start + n - 1``; ``mask`` ``[1, 1, n, start + n]`` bool or ``None`` (all
         visible). ``rows`` selects the rows whose logits are computed."""
-        end = start + int(tokens.numel())
+        n = int(tokens.numel())
+        end = start + n
         w = self.w
+        if w.fused and n <= FUSED_ATTENTION_MAX_ROWS:
+            table = w.rope(int(positions.max()) + 1)
+            visible = None if mask is None else mask[0, 0]
 
-        def attend(index, q, k, v):
-            self.k[index, :, start:end] = k.transpose(0, 1)
-            self.v[index, :, start:end] = v.transpose(0, 1)
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None], self.k[index:index + 1, :, :end],
-                self.v[index:index + 1, :, :end], attn_mask=mask,
-                enable_gqa=w.kv_heads != w.heads)
-            return out[0].transpose(0, 1)
+            def attend(index, qkv):
+                return hx.rope_cache_attention(qkv, table, positions, self.k[index],
+                                               self.v[index], start, visible, w.heads,
+                                               w.kv_heads)
+        else:
+            rope = w.rope.at(positions)
 
-        return decoder_forward(self.target, w, tokens, positions, attend, rows)
+            def attend(index, qkv):
+                q, k, v = rotated_qkv(w, qkv, rope)
+                self.k[index, :, start:end] = k.transpose(0, 1)
+                self.v[index, :, start:end] = v.transpose(0, 1)
+                out = F.scaled_dot_product_attention(
+                    q.transpose(0, 1)[None], self.k[index:index + 1, :, :end],
+                    self.v[index:index + 1, :, :end], attn_mask=mask,
+                    enable_gqa=w.kv_heads != w.heads)
+                return out[0].transpose(0, 1).reshape(n, w.heads * w.head_dim)
+
+        return decoder_forward(self.target, w, tokens, attend, rows)
+
+
+def rotated_qkv(w: LeanWeights, qkv: torch.Tensor, rope: torch.Tensor):
+    """``(q, k, v)`` of a fused q/k/v projection ``qkv`` ``[n, (heads + 2 kv_heads) head_dim]``:
+    ``q`` ``[n, heads, head_dim]`` and ``k`` ``[n, kv_heads, head_dim]`` rotated by ``rope``
+    ``[n, 2, head_dim]`` (:meth:`RopeTable.at`), ``v`` ``[n, kv_heads, head_dim]``; all in the
+    weight dtype."""
+    n, nh, nkv = qkv.shape[0], w.heads, w.kv_heads
+    qkv = qkv.view(n, nh + 2 * nkv, w.head_dim)
+    qk = RopeTable.rotate(qkv[:, :nh + nkv].float(), rope).to(w.dtype)
+    return qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:]
 
 
 @torch.inference_mode()
-def decoder_forward(target: CausalLM, w: LeanWeights, tokens: torch.Tensor,
-                    positions: torch.Tensor, attend, rows=None) -> torch.Tensor:
+def decoder_forward(target: CausalLM, w: LeanWeights, tokens: torch.Tensor, attend,
+                    rows=None) -> torch.Tensor:
     """The decoder on ``n`` token rows (one or several sequences): embedding, every layer, final
-    norm and the output projection of ``rows`` (all rows when ``None``). ``attend(index, q, k,
-    v)`` stores the layer's keys/values where its cache wants them and returns the attention
-    output ``[n, heads, head_dim]``; it gets ``q`` ``[n, heads, head_dim]`` and ``k``/``v``
-    ``[n, kv_heads, head_dim]`` in the weight dtype, RoPE applied. Sets
+    norm and the output projection of ``rows`` (all rows when ``None``). ``attend(index, qkv)``
+    gets the layer's fused q/k/v projection ``[n, (heads + 2 kv_heads) head_dim]`` in the weight
+    dtype, applies RoPE at the rows' positions, stores the keys/values where its cache wants
+    them and returns the attention output ``[n, heads * head_dim]`` in the weight dtype. Sets
     ``target.captured_hidden`` (``[n, 3H]``) when the target captures layers."""
     n = int(tokens.numel())
-    dt, nh, nkv, hd = w.dtype, w.heads, w.kv_heads, w.head_dim
-    inter, hidden, eps = w.intermediate, w.hidden, w.eps
-    rope = w.rope.at(positions)
+    dt, eps = w.dtype, w.eps
     capture = target.capture_layer_ids
     captured = {}
-    x = w.embed[tokens].float()
-    for index, layer in enumerate(w.layers):
+    layers = w.layers
+    # the residual stream x, float32; h: the normed input of the next GEMM, weight dtype
+    embedded = w.embed[tokens].to(dt)
+    if w.fused:
+        x = torch.zeros(n, w.hidden)
+        h = hx.fused_add_rms_norm(x, embedded, layers[0].norm1, eps)  # x = embedded
+    else:
+        x = embedded.float()
+        h = _rms_norm(x, layers[0].norm1, eps, dt)
+    for index, layer in enumerate(layers):
         if capture and index in capture:
-            captured[index] = x.to(dt)
-        h = F.rms_norm(x, (hidden,), layer.norm1, eps).to(dt)
-        qkv = layer.qkv(h).view(n, nh + 2 * nkv, hd)
-        qk = RopeTable.rotate(qkv[:, :nh + nkv].float(), rope).to(dt)
-        attn = attend(index, qk[:, :nh], qk[:, nh:], qkv[:, nh + nkv:])
-        x = x + layer.o(attn.reshape(n, nh * hd))
-        h = F.rms_norm(x, (hidden,), layer.norm2, eps).to(dt)
-        gate_up = layer.gate_up(h)
-        x = x + layer.down(F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
+            captured[index] = x.to(dt, copy=True)  # x is updated in place below
+        attn = attend(index, layer.qkv(h))
+        next_norm = layers[index + 1].norm1 if index + 1 < len(layers) else w.final_norm
+        if w.fused:
+            h = hx.fused_add_rms_norm(x, layer.o(attn), layer.norm2, eps)  # x += attention
+            mlp = layer.down(hx.silu_and_mul(layer.gate_up(h)))
+            h = hx.fused_add_rms_norm(x, mlp, next_norm, eps)  # x += MLP
+        else:
+            x = x + layer.o(attn)  # float32 + weight dtype: float32
+            gate_up = layer.gate_up(_rms_norm(x, layer.norm2, eps, dt))
+            i = w.intermediate
+            x = x + layer.down(F.silu(gate_up[:, :i]) * gate_up[:, i:])
+            h = _rms_norm(x, next_norm, eps, dt)
     target.forward_calls += 1
     target.forward_tokens += n
     if capture:
         target.captured_hidden = torch.cat([captured[i] for i in capture], dim=-1)
     if rows is not None:
-        x = x[rows]
-    return w.lm_head(F.rms_norm(x, (hidden,), w.final_norm, eps).to(dt))
+        h = h[rows]
+    return w.lm_head(h)
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dtype) -> torch.Tensor:
+    return F.rms_norm(x, (x.shape[-1],), weight, eps).to(dtype)
 
 
 class BatchGreedyGenerator:
@@ -352,16 +401,19 @@ class BatchGreedyGenerator:
         mask = torch.ones((n, n), dtype=torch.bool).tril_()[None, None]
         w = self.w
 
-        def attend(index, q, k, v):
+        rope = w.rope.at(torch.arange(n))
+
+        def attend(index, qkv):
+            q, k, v = rotated_qkv(w, qkv, rope)
             self.k[index, slot, :, :n] = k.transpose(0, 1)
             self.v[index, slot, :, :n] = v.transpose(0, 1)
             out = F.scaled_dot_product_attention(
                 q.transpose(0, 1)[None], self.k[index, slot:slot + 1, :, :n],
                 self.v[index, slot:slot + 1, :, :n], attn_mask=mask,
                 enable_gqa=w.kv_heads != w.heads)
-            return out[0].transpose(0, 1)
+            return out[0].transpose(0, 1).reshape(n, w.heads * w.head_dim)
 
-        return decoder_forward(self.target, w, ids, torch.arange(n), attend)
+        return decoder_forward(self.target, w, ids, attend)
 
     def _step(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """One decode step: ``tokens`` ``[B]`` at positions ``lengths`` ``[B]`` (each row's
@@ -371,15 +423,18 @@ class BatchGreedyGenerator:
         slots = torch.arange(tokens.numel())
         visible = (torch.arange(width)[None, :] <= lengths[:, None])[:, None, None, :]
 
-        def attend(index, q, k, v):
+        rope = w.rope.at(lengths)
+
+        def attend(index, qkv):
+            q, k, v = rotated_qkv(w, qkv, rope)
             self.k[index][slots, :, lengths] = k
             self.v[index][slots, :, lengths] = v
             out = F.scaled_dot_product_attention(
                 q[:, :, None], self.k[index, :, :, :width], self.v[index, :, :, :width],
                 attn_mask=visible, enable_gqa=w.kv_heads != w.heads)
-            return out[:, :, 0]
+            return out[:, :, 0].reshape(tokens.numel(), w.heads * w.head_dim)
 
-        return decoder_forward(self.target, w, tokens, lengths, attend)
+        return decoder_forward(self.target, w, tokens, attend)
 
     def run(self, prompts, max_new: int, eos: Optional[int], topk: int):
         """Records for ``prompts`` (lists of token ids), indexed by position."""
@@ -388,7 +443,6 @@ class BatchGreedyGenerator:
     @torch.inference_mode()
     def run_stream(self, prompts, max_new: int, eos: Optional[int], topk: int):
         """Records for an iterator of ``(index, prompt)``, read only as slots free up."""
-        import heterospec_ext as hx
 
         target = self.target
         pending = iter(prompts)
