@@ -4,7 +4,7 @@ import pytest
 
 import heterospec as hs
 from heterospec import bench
-from heterospec.policy import HeteroSpec
+from heterospec.policy import HeteroSpec, StaticTree
 from heterospec.testing import tiny_llama
 
 
@@ -83,6 +83,8 @@ def test_run_bench_end_to_end_on_a_tiny_model(tmp_path):
                       table=[[1, 4]] * 3 + [[0, 5]] * 5)
     cfg = bench.BenchConfig(sets=["gsm8k", "mtbench"], prompts_per_set=1, max_new_tokens=6,
                             repeats=2, temperatures=[0.0, 1.0], ablation=True, cost_policy=cost,
+                            tuned_static=StaticTree(depth=1, top_k=2, total_tokens=4,
+                                                    name="tuned"),
                             hf_configs=["float32:eager", "float32:sdpa"],
                             labels={"model": "tiny"})
     before = torch.get_num_threads()
@@ -92,19 +94,21 @@ def test_run_bench_end_to_end_on_a_tiny_model(tmp_path):
     finally:
         torch.set_num_threads(before)
     methods = {r["method"] for r in res.rows}
-    assert methods == {"ar", "static", "ded", "heterospec", "cost", "hf:float32:eager",
+    assert methods == {"ar", "static", "tuned", "ded", "heterospec", "cost", "hf:float32:eager",
                        "hf:float32:sdpa"}
+    assert res.meta["tuned_static"]["depth"] == 1 and res.meta["tuned_static"]["total_tokens"] == 4
     best = res.meta["best_hf"]
     assert best in ("hf:float32:eager", "hf:float32:sdpa")
     at = {(r["temperature"], r["set"], r["method"]): r for r in res.rows}
-    for m in ("static", "ded", "heterospec", "cost"):
+    for m in ("static", "tuned", "ded", "heterospec", "cost"):
         assert at[(0.0, "mean", m)]["identical_to_ar"] == 2  # both prompts, float32: exact
+    assert at[(0.0, "mean", "tuned")]["tokens_per_call"] == 4
     assert at[(0.0, "mean", best)]["speedup_vs_hf"] == pytest.approx(1.0)
     assert all(r["speedup_vs_hf"] is not None for r in res.rows)
     # at T = 1 only the best HF configuration ran
     hf_t1 = {m for (t, s, m) in at if t == 1.0 and m.startswith("hf:")}
     assert hf_t1 == {best}
-    assert len(res.runs) == 2 * 2 * (7 + 6)  # prompts x repeats x (methods at T=0 + at T=1)
+    assert len(res.runs) == 2 * 2 * (8 + 7)  # prompts x repeats x (methods at T=0 + at T=1)
     # the repeats are interleaved: per prompt, one round of every method, then the reverse round
     assert sorted(r["run_index"] for r in res.runs) == list(range(len(res.runs)))
     for t in (0.0, 1.0):
@@ -116,3 +120,15 @@ def test_run_bench_end_to_end_on_a_tiny_model(tmp_path):
             assert [r["method"] for r in mine if r["repeat"] == 1] == first[::-1]
     table = bench.format_table(res.rows)
     assert "HF generate fp32 eager" in table and "HeteroSpec cost-aware" in table
+    assert "static tree, tuned" in table
+
+
+def test_tuned_static_tree_must_share_the_drafter_top_k():
+    from heterospec.errors import GenerationConfigError
+
+    target = hs.CausalLM(tiny_llama(32, seed=1), name="tiny")
+    drafter = hs.ModelDrafter(hs.CausalLM(tiny_llama(32, seed=2), name="d"), top_k=2)
+    policy = HeteroSpec(depth=2, top_k=2, total_tokens=5, thresholds=[0.5 * i for i in range(7)])
+    cfg = bench.BenchConfig(no_hf=True, tuned_static=StaticTree(depth=2, top_k=3, total_tokens=5))
+    with pytest.raises(GenerationConfigError, match="top_k=3"):
+        bench.run_bench(target, drafter, policy, cfg)

@@ -130,3 +130,21 @@ def test_policy_table_round_trip_and_errors(tmp_path):
     gen = hs.SpeculativeGenerator(target, hs.ModelDrafter(target, top_k=3), back)
     want = hs.autoregressive_generate(target, [4, 5, 6], 20).token_ids
     assert gen.generate([4, 5, 6], 20).token_ids == want
+
+
+def test_monotone_verify_costs_pools_the_dips_and_keeps_one_row():
+    """The cost curve handed to the cost-aware choice is non-decreasing from N = 2 on: a dip
+    is pooled with the sizes it undercuts (least squares), N = 1 stays as measured."""
+    from heterospec.calibrate import monotone_verify_costs
+
+    measured = {1: 30.0, 2: 20.0, 4: 23.6, 5: 21.6, 8: 25.0, 12: 24.4, 15: 21.7, 16: 25.3,
+                24: 42.3}
+    fit = monotone_verify_costs(measured)
+    assert fit[1] == 30.0 and fit[2] == 20.0 and fit[24] == 42.3
+    sizes = sorted(n for n in fit if n >= 2)
+    assert all(fit[a] <= fit[b] + 1e-12 for a, b in zip(sizes, sizes[1:]))
+    # 4 and 5 pool to their mean; 8, 12 and 15 to theirs; 16 stays
+    assert fit[4] == pytest.approx((23.6 + 21.6) / 2) and fit[5] == fit[4]
+    assert fit[15] == pytest.approx((25.0 + 24.4 + 21.7) / 3)
+    assert fit[8] == fit[12] == fit[15] and fit[16] == 25.3
+    assert monotone_verify_costs({2: 1.0, 3: 2.0}) == {2: 1.0, 3: 2.0}  # already monotone

@@ -132,6 +132,8 @@ ARGUMENT_CASES = [
                                              "static"], "--methods heterospec/ded"),
     ("bench-hf-assisted-with-eagle3", ["bench", "--methods", "ar,hf_assisted", "--draft", "eagle3"],
      "--methods hf_assisted"),
+    ("bench-tuned-static-two-numbers", ["bench", "--tuned-static", "2,6"], "--tuned-static"),
+    ("bench-tuned-static-depth-0", ["bench", "--tuned-static", "0,6,16"], "--tuned-static"),
     ("bench-prompt-offset-negative", ["bench", "--prompt-offset", "-1"], "--prompt-offset"),
     ("bench-prompt-offset-past-the-set", ["bench", "--sets", "humaneval", "--prompt-offset", "164"],
      "--prompt-offset 164"),

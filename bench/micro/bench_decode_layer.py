@@ -1,8 +1,10 @@
-"""The decode-layer ops vs the torch compositions they replace, at the shipped EAGLE-3 head's
-sizes (hidden 576, intermediate 1536, 9 heads of 64, 3 KV heads) in bfloat16 on CPU.
+"""The decode-layer ops vs the torch compositions they replace, at the sizes of SmolLM2-135M's
+layers and the shipped EAGLE-3 head's (hidden 576, intermediate 1536, 9 heads of 64, 3 KV heads)
+in bfloat16 on CPU.
 
-Rows: 6 (a draft level at top_k 6) and, for attention, 1 and 8 (the rows up to which the head
-uses the fused attention; ``FUSED_ATTENTION_MAX_ROWS``) over 200 cached rows. pytest-benchmark;
+Rows: 6 (a draft level at top_k 6) and, for attention, 1 (an AR step), 6, 8 and 16 (a tree
+verify; both the head and the lean target use the fused attention up to 16 rows,
+``FUSED_ATTENTION_MAX_ROWS``) over 200 cached rows. pytest-benchmark;
 ``test_compositions_agree_with_ops`` checks that both sides compute the same thing.
 """
 import pytest
@@ -119,7 +121,7 @@ def test_silu_and_mul_cpu(benchmark, impl):
 
 
 @pytest.mark.parametrize("impl", ["fused", "composition"])
-@pytest.mark.parametrize("n", [1, 6, 8])
+@pytest.mark.parametrize("n", [1, 6, 8, 16])
 def test_rope_cache_attention_cpu(benchmark, impl, n):
     args = attention_inputs(n)
     benchmark.group = f"rope_cache_attention n={n} cached={CACHED} 9/3 heads bf16"

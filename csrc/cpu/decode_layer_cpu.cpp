@@ -279,9 +279,9 @@ HX_CPU_ALWAYS_INLINE void rotate(const T* x, const float* table, int64_t head_di
 
 // The attention of a block of query rows over one KV head: the block's queries (its rows'
 // `group` query heads) against the same keys. The head's keys are converted to float once per
-// block, transposed (kt[d][j]), so that the scores of kWideLanes keys are one vector sum over d of
-// q[d] * kt[d][j..] (no horizontal sums), and its values once (vf[j][d]). Both are walked in
-// blocks of kKeyBlock keys, every query taking its turn on a block while it sits in L1. The
+// block, transposed (kt[d][j]), so that the scores of kWideLanes keys are one vector sum over
+// d of q[d] * kt[d][j..] (no horizontal sums), and its values once (vf[j][d]). Both are walked
+// in blocks of kKeyBlock keys, every query taking its turn on a block while it sits in L1. The
 // softmax is two-pass, in float32. A query with no visible key gets zeros.
 template <typename T>
 struct AttentionArgs {
@@ -477,7 +477,8 @@ HX_CPU_ALWAYS_INLINE void attend(const AttentionArgs<T>& a, int64_t kv, int64_t 
       const float* keep = vis.keep.data() + qi / group * kp;
       for (int64_t j = 0; j < kp; j += kWideLanes) {
         const WideVec::F x = WideVec::load(sq + j);
-        const WideVec::F y = WideVec::load(keep + j) != WideVec::splat(0.0f) ? x : WideVec::splat(neg_inf);
+        const WideVec::F y =
+            WideVec::load(keep + j) != WideVec::splat(0.0f) ? x : WideVec::splat(neg_inf);
         std::memcpy(sq + j, &y, sizeof(y));
       }
     }

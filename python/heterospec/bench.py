@@ -1,10 +1,11 @@
 """``heterospec bench``: the paper's Table 1 on real prompts, in one process.
 
 Methods: ``ar`` (the target's own loop on the same forward code as the speculative methods),
-``static`` (the EAGLE tree), ``heterospec`` (the policy), the ablation ``ded`` (HeteroSpec's
-extended depth only: every stratum verifies the static tree's N), ``hf:<dtype>:<attention>``
-(plain HF ``model.generate`` on the same model: what a user runs without this package; by default
-float32 and bfloat16, eager and sdpa) and ``hf_assisted`` (HF ``generate(assistant_model=)`` with
+``static`` (the EAGLE tree the policy builds on), ``tuned`` (another static tree, e.g. the
+winner of ``bench/tools/tune_static_tree.py``), ``heterospec`` (the policy), the ablation
+``ded`` (HeteroSpec's extended depth only: every stratum verifies the static tree's N),
+``hf:<dtype>:<attention>`` (plain HF ``model.generate`` on the same model: what a user runs
+without this package; by default float32 and bfloat16, eager and sdpa) and ``hf_assisted`` (HF ``generate(assistant_model=)`` with
 the same int8 draft; greedy only). Every method decodes every prompt ``repeats`` times, the
 repeats interleaved across the methods (one round of every method, then the next round in reverse
 order), so that a slow spell of a shared host is spread over all of them; wall times are medians
@@ -27,9 +28,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
 
-METHOD_LABELS = {"ar": "AR", "static": "static tree", "ded": "+extended depth (DED)",
-                 "heterospec": "HeteroSpec", "cost": "HeteroSpec cost-aware",
-                 "hf_assisted": "HF assisted"}
+METHOD_LABELS = {"ar": "AR", "static": "static tree", "tuned": "static tree, tuned",
+                 "ded": "+extended depth (DED)", "heterospec": "HeteroSpec",
+                 "cost": "HeteroSpec cost-aware", "hf_assisted": "HF assisted"}
 DEFAULT_HF_CONFIGS = ("float32:eager", "float32:sdpa", "bfloat16:eager", "bfloat16:sdpa")
 HF_CONFIGS = tuple(f"{d}:{a}" for d in ("float32", "bfloat16", "float16")
                    for a in ("eager", "sdpa"))
@@ -39,7 +40,8 @@ BENCH_METHODS = tuple(METHOD_LABELS) + tuple(f"hf:{c}" for c in HF_CONFIGS)
 @dataclass
 class BenchConfig:
     """What :func:`run_bench` runs. ``methods`` empty: AR, the static tree, HeteroSpec (with
-    ``ablation`` also DED; with ``cost_policy`` also the cost-aware rule), the ``hf_configs``
+    ``ablation`` also DED; with ``cost_policy`` also the cost-aware rule; with ``tuned_static``
+    also that static tree as ``tuned``), the ``hf_configs``
     HF generate baselines (unless ``no_hf``) and, with ``hf_assisted_draft``, HF assisted
     generation with that draft module."""
 
@@ -56,6 +58,8 @@ class BenchConfig:
     verifier: str = "auto"
     truncate_prompt: str = "none"
     cost_policy: Optional[object] = None  # a HeteroSpec with a cost-aware table
+    # another static tree (a StaticTree with the policy's top_k), e.g. the best of a tuning sweep
+    tuned_static: Optional[object] = None
     hf_assisted_draft: Optional[object] = None  # an nn.Module draft for HF assisted generation
     labels: Dict[str, str] = field(default_factory=dict)  # provenance only (model, draft, ...)
 
@@ -150,6 +154,8 @@ def _methods(cfg: BenchConfig, target, drafter, policy):
         wanted = ["ar", "static"] + (["heterospec"] if policy.adaptive else [])
         if cfg.ablation and policy.adaptive:
             wanted.insert(2, "ded")
+        if cfg.tuned_static is not None:
+            wanted.insert(2, "tuned")
         if cfg.cost_policy is not None:
             wanted.append("cost")
         if not cfg.no_hf:
@@ -163,6 +169,12 @@ def _methods(cfg: BenchConfig, target, drafter, policy):
     if ("heterospec" in wanted or "ded" in wanted) and not policy.adaptive:
         raise GenerationConfigError("methods heterospec/ded need an adaptive policy "
                                     "(heterospec or a policy JSON), not 'static'")
+    if "tuned" in wanted and cfg.tuned_static is None:
+        raise GenerationConfigError("method tuned needs a static tree (--tuned-static D,K,N)")
+    if "tuned" in wanted and cfg.tuned_static.top_k != policy.top_k:
+        raise GenerationConfigError(
+            f"the tuned static tree drafts top_k={cfg.tuned_static.top_k} but the policy drafts "
+            f"top_k={policy.top_k} (the methods share one drafter)")
     if "cost" in wanted and cfg.cost_policy is None:
         raise GenerationConfigError("method cost needs a cost-aware policy (--cost-policy FILE)")
     if "hf_assisted" in wanted and cfg.hf_assisted_draft is None:
@@ -177,6 +189,8 @@ def _methods(cfg: BenchConfig, target, drafter, policy):
             pol = policy
         elif m == "cost":
             pol = cfg.cost_policy
+        elif m == "tuned":
+            pol = cfg.tuned_static
         elif m == "ded":
             pol = HeteroSpec(depth=policy.depth, top_k=policy.top_k,
                              total_tokens=policy.total_tokens, thresholds=policy.thresholds,
@@ -476,6 +490,8 @@ def run_bench(target, drafter, policy, cfg: BenchConfig, progress_factory=None) 
             "prompts_per_set": cfg.prompts_per_set, "temperatures": temps,
             "policy": policy.describe(),
             "cost_policy": cfg.cost_policy.describe() if cfg.cost_policy is not None else None,
+            "tuned_static": cfg.tuned_static.describe() if cfg.tuned_static is not None
+            else None,
             "threads": torch.get_num_threads(), "dtype": str(target.dtype).replace("torch.", ""),
             "verifier": type(ar_verifier).__name__, "best_hf": best_hf,
             "seconds": round(time.time() - t_start, 1), **cfg.labels}

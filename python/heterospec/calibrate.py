@@ -115,8 +115,9 @@ def calibrate_cost_aware(gen: SpeculativeGenerator, prompts, max_new_tokens: int
     thresholds = fit_thresholds(samples, min_samples_leaf)
     paper = HeteroSpec(depth=static.depth, top_k=static.top_k, total_tokens=static.total_tokens,
                        thresholds=thresholds)
-    costs = measure_costs(gen.target, gen.drafter, prompts[0], static.levels + alpha, grid,
-                          cost_reps)
+    measured = measure_costs(gen.target, gen.drafter, prompts[0], static.levels + alpha, grid,
+                             cost_reps)
+    costs = dict(measured, verify_s=monotone_verify_costs(measured["verify_s"]))
     table, _ = choose_cost_aware(records, thresholds, costs, static.levels)
     cost_aware = HeteroSpec(depth=static.depth, top_k=static.top_k,
                             total_tokens=static.total_tokens, thresholds=thresholds, table=table)
@@ -141,6 +142,8 @@ def calibrate_cost_aware(gen: SpeculativeGenerator, prompts, max_new_tokens: int
                 for i in range(NUM_THRESHOLDS + 1)],
             "cost_model": {"draft_root_ms": round(1e3 * costs["draft_root_s"], 3),
                            "draft_level_ms": round(1e3 * costs["draft_level_s"], 3),
+                           "verify_ms_measured": {str(k): round(1e3 * v, 3)
+                                                  for k, v in measured["verify_s"].items()},
                            "verify_ms": {str(k): round(1e3 * v, 3)
                                          for k, v in costs["verify_s"].items()},
                            "overhead_ms": 1.0},
@@ -294,6 +297,28 @@ def measure_costs(target, drafter, prompt_ids, max_levels: int, top_ns, reps: in
     verify_s = {n: statistics.median(times[n]) for n in sizes}
     return {"draft_root_s": statistics.median(root_s[1:]),
             "draft_level_s": statistics.median(level_s[1:]), "verify_s": verify_s}
+
+
+def monotone_verify_costs(verify_s: dict) -> dict:
+    """The verify-cost curve ``{N: seconds}`` made non-decreasing in N from N = 2 on (least
+    squares, pool-adjacent-violators). A tree of N + 1 nodes does all the work of one of N and
+    more, so a dip (N = 15 timed below N = 12) is the host's noise, and a cost model that
+    believed it would pick tree sizes by that noise. N = 1 is kept as measured: a one-row
+    forward takes other GEMM kernels and may cost more than two rows."""
+    sizes = sorted(verify_s)
+    fit = [n for n in sizes if n >= 2]
+    blocks = []  # [mean, count] of pooled runs
+    for n in fit:
+        blocks.append([verify_s[n], 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            mean, count = blocks.pop()
+            prev = blocks[-1]
+            prev[0] = (prev[0] * prev[1] + mean * count) / (prev[1] + count)
+            prev[1] += count
+    values = [mean for mean, count in blocks for _ in range(count)]
+    out = {n: verify_s[n] for n in sizes if n < 2}
+    out.update(zip(fit, values))
+    return out
 
 
 def cycle_seconds(costs: dict, levels: int, top_n: int, overhead_s: float) -> float:

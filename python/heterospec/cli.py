@@ -15,7 +15,7 @@ import time
 from .bench import BENCH_METHODS, DEFAULT_HF_CONFIGS, HF_CONFIGS
 from .cli_args import (MAX_DEPTH, MAX_TREE_TOKENS, MAX_TREE_TOP_K, SEED_MAX, check_args,
                        check_fits, comma_list, context_models, draft_spec, fit_to_context,
-                       float_in, int_in)
+                       float_in, int_in, tree_spec)
 from .prompts import SETS as PROMPT_SETS
 
 JSON_SCHEMA_VERSION = 1
@@ -166,6 +166,10 @@ def build_parser():
     b.add_argument("--cost-policy", default=None,
                    help="also run this cost-aware policy JSON (heterospec calibrate "
                         "--cost-aware-out) as the method 'cost'")
+    b.add_argument("--tuned-static", default=None, type=tree_spec,
+                   help="also run this static tree, DEPTH,TOP_K,TOTAL_TOKENS (e.g. the best of "
+                        "bench/tools/tune_static_tree.py; TOP_K must be the policy's), as the "
+                        "method 'tuned'")
     b.add_argument("--ablation", action="store_true",
                    help="add 'ded' (HeteroSpec's extended depth without top-N pruning)")
     b.add_argument("--prompt-offset", type=int_in(0), default=0, help="first prompt of each set")
@@ -422,7 +426,7 @@ def _cmd_train_draft(args):
 def _cmd_bench(args):
     from .bench import BenchConfig, format_table, plot, run_bench
     from .errors import UsageError
-    from .policy import load_policy
+    from .policy import StaticTree, load_policy
 
     target, drafter, policy = _load(args)
     cost_policy = None
@@ -432,6 +436,9 @@ def _cmd_bench(args):
         if cost_policy.top_k != policy.top_k:
             raise UsageError(f"--cost-policy {args.cost_policy} drafts top_k={cost_policy.top_k} "
                              f"but the policy drafts top_k={policy.top_k}")
+    if args.tuned_static is not None and args.tuned_static[1] != policy.top_k:
+        raise UsageError(f"--tuned-static drafts top_k={args.tuned_static[1]} but the policy "
+                         f"drafts top_k={policy.top_k} (the methods share one drafter)")
     split = lambda text: [x.strip() for x in (text or "").split(",") if x.strip()]  # noqa: E731
     cfg = BenchConfig(
         sets=split(args.sets), prompts_per_set=args.prompts_per_set,
@@ -441,6 +448,9 @@ def _cmd_bench(args):
         hf_configs=split(args.hf_configs) or list(DEFAULT_HF_CONFIGS), no_hf=args.no_hf,
         ablation=args.ablation, verifier=args.verifier, truncate_prompt=args.truncate_prompt,
         cost_policy=cost_policy,
+        tuned_static=None if args.tuned_static is None else StaticTree(
+            depth=args.tuned_static[0], top_k=args.tuned_static[1],
+            total_tokens=args.tuned_static[2], name="tuned"),
         hf_assisted_draft=drafter.lm.model if args.draft == "int8" else None,
         labels={"draft": args.draft_spec, "model": _model_label(args),
                 "command": "heterospec " + " ".join(sys.argv[1:])})

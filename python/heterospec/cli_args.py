@@ -68,6 +68,24 @@ def float_in(lo: float, hi: float = math.inf, *, lo_open: bool = False) -> Calla
     return parse
 
 
+def tree_spec(text: str):
+    """argparse type: a static tree ``DEPTH,TOP_K,TOTAL_TOKENS`` -> a tuple of three ints, each
+    in the range of ``--depth``, ``--tree-top-k`` and ``--total-tokens``."""
+    parts = [part.strip() for part in text.split(",")]
+    if len(parts) != 3:
+        raise argparse.ArgumentTypeError(
+            f"expected DEPTH,TOP_K,TOTAL_TOKENS (three integers), got {text!r}")
+    limits = (("DEPTH", 1, MAX_DEPTH), ("TOP_K", 1, MAX_TREE_TOP_K),
+              ("TOTAL_TOKENS", 2, MAX_TREE_TOKENS))
+    values = []
+    for part, (name, lo, hi) in zip(parts, limits):
+        try:
+            values.append(int_in(lo, hi)(part))
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{name}: {e}") from None
+    return tuple(values)
+
+
 def comma_list(choices: Optional[Sequence[str]] = None,
                item: Optional[Callable[[str], object]] = None) -> Callable[[str], str]:
     """argparse type: a comma-separated list of distinct items, each one of ``choices`` or

@@ -445,9 +445,9 @@ def build_eagle3_head(path: str, target: CausalLM) -> Eagle3Head:
 
 # Rows up to which the head runs rope_cache_attention rather than torch's attention: a whole
 # head pass over 200 cached rows (shipped head, bf16, 2 threads) took 0.75 against 1.23 ms at
-# 1 row, 1.06 against 1.44 at 8, 1.39 against 1.73 at 16, and 2.39 against 2.43 at 32 (its one
-# query per row against torch's flash-attention blocks). Tree levels are top_k rows; the
-# prompt's first pass goes to torch.
+# 1 row, 1.06 against 1.44 at 8, 1.39 against 1.73 at 16, and 2.39 against 2.43 at 32, with the
+# op's first kernel (one query row at a time; the blocked kernel since is faster at every row
+# count). Tree levels are top_k rows; the prompt's first pass goes to torch.
 FUSED_ATTENTION_MAX_ROWS = 16
 
 

@@ -7,9 +7,10 @@ small tensor copies than in reading the weights (bench/RESULTS.md). Here each de
 four packed GEMMs (q/k/v fused, o, gate/up fused, down) and, between them, the decode-layer ops
 of ``heterospec_ext``: ``fused_add_rms_norm`` (residual add and the next norm in one pass),
 ``silu_and_mul``, and up to 16 rows ``rope_cache_attention`` (RoPE, cache append and
-attention; more rows, a prompt's, take RoPE from a precomputed table and torch's
-``scaled_dot_product_attention``, which is faster there). The residual stream stays in float32 whatever the weight dtype. Weight dtypes
-the ops do not take (float16) run the same layer as a torch composition.
+attention). More rows, a prompt's, take RoPE from a precomputed table and torch's
+``scaled_dot_product_attention``, which is faster there. The residual stream stays in float32
+whatever the weight dtype. Weight dtypes the ops do not take (float16) run the same layer as a
+torch composition.
 
 It computes the same function as the HF model (same weights, same normalisation, rotary and
 attention); only the float rounding order differs. ``tests/test_lean_target.py`` compares its
