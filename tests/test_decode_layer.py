@@ -160,7 +160,8 @@ def test_rope_cache_attention_matches_oracle(dtype, n, heads, kv_heads, head_dim
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_rope_cache_attention_masked_keys_never_enter(dtype):
     """A key no row sees may hold NaN keys and infinite values: the outputs are those of any
-    finite contents there (a softmax weight of 0 times inf would be NaN)."""
+    finite contents there (a softmax weight of 0 times inf would be NaN), up to the order of
+    the float32 sums (the kernel takes another path when some value is not finite)."""
     n, cache_len = 12, 290
     args = list(attention_inputs(dtype, n, 9, 3, 64, cache_len, cache_len + n, seed=21,
                                  mask="random"))
@@ -169,7 +170,10 @@ def test_rope_cache_attention_masked_keys_never_enter(dtype):
     clean = hx.rope_cache_attention(*[a.clone() if torch.is_tensor(a) else a for a in args])
     args[3][:, hidden] = float("nan")
     args[4][:, hidden] = float("inf")
-    assert torch.equal(hx.rope_cache_attention(*args), clean)
+    got = hx.rope_cache_attention(*args)
+    assert bool(got.isfinite().all())
+    torch.testing.assert_close(got.float(), clean.float(), atol=1e-6,
+                               rtol=2.0 ** -7 if dtype == torch.bfloat16 else 1e-5)
 
 
 def test_rope_cache_attention_is_the_same_on_any_thread_count():

@@ -296,8 +296,8 @@ struct AttentionArgs {
   int64_t keys, heads, kv_heads, head_dim;
 };
 
-constexpr int kKeyVectors = 8;  // vectors of keys per block (8 accumulators: both FMA pipes)
-constexpr int64_t kKeyBlock = kKeyVectors * kWideLanes;
+// Keys per block of the per-query weighted sums (a block of values stays in L1).
+constexpr int64_t kKeyBlock = 8 * kWideLanes;
 
 // Floats of scratch per task of `rows` rows: the head's keys transposed and its values
 // ([hd, kp] and [kp, hd], kp = keys in whole vectors), then per query (rows * group) its
@@ -315,18 +315,77 @@ struct VisibleKeys {
   std::vector<float> keep;     // [rows, kp]
 };
 
-// scores[j0 .. j0 + kNV * kWideLanes) = sum_d q[d] * kt[d][j..], in kNV independent accumulators.
-template <int kNV>
-HX_CPU_ALWAYS_INLINE void score_vectors(const float* q, const float* kt, int64_t kp,
-                                        int64_t hd, int64_t j0, float* scores) {
-  WideVec::F acc[kNV];
-  for (int v = 0; v < kNV; ++v) acc[v] = WideVec::F{};
-  for (int64_t d = 0; d < hd; ++d) {
-    const WideVec::F qd = WideVec::splat(q[d]);
-    const float* row = kt + d * kp + j0;
-    for (int v = 0; v < kNV; ++v) acc[v] += qd * WideVec::load(row + v * kWideLanes);
+// The scores of kQ queries (rows of q, hd apart) against kNV vectors of keys from j0: each
+// step over d loads kNV key vectors once for all kQ queries (kQ * kNV accumulators, at most
+// 16 of AVX-512's 32 registers), so the loop is FMA-bound rather than load-bound.
+template <int kQ, int kNV>
+HX_CPU_ALWAYS_INLINE void score_tile(const float* q, const float* kt, int64_t kp, int64_t hd,
+                                     int64_t j0, float* scores) {
+  WideVec::F acc[kQ][kNV];
+  for (int a = 0; a < kQ; ++a) {
+    for (int v = 0; v < kNV; ++v) acc[a][v] = WideVec::F{};
   }
-  std::memcpy(scores + j0, acc, sizeof(acc));
+  for (int64_t d = 0; d < hd; ++d) {
+    const float* row = kt + d * kp + j0;
+    WideVec::F k[kNV];
+    for (int v = 0; v < kNV; ++v) k[v] = WideVec::load(row + v * kWideLanes);
+    for (int a = 0; a < kQ; ++a) {
+      const WideVec::F qd = WideVec::splat(q[a * hd + d]);
+      for (int v = 0; v < kNV; ++v) acc[a][v] += qd * k[v];
+    }
+  }
+  for (int a = 0; a < kQ; ++a) std::memcpy(scores + a * kp + j0, acc[a], sizeof(acc[a]));
+}
+
+template <int kQ>
+HX_CPU_ALWAYS_INLINE void score_tile_of(int vectors, const float* q, const float* kt, int64_t kp,
+                                        int64_t hd, int64_t j0, float* scores) {
+  switch (vectors) {
+    case 1: score_tile<kQ, 1>(q, kt, kp, hd, j0, scores); break;
+    case 2: score_tile<kQ, 2>(q, kt, kp, hd, j0, scores); break;
+    case 3: score_tile<kQ, 3>(q, kt, kp, hd, j0, scores); break;
+    default: score_tile<kQ, 4>(q, kt, kp, hd, j0, scores); break;
+  }
+}
+
+// All scores [queries, kp]: tiles of up to 4 queries x 4 vectors of keys, key blocks outermost
+// so that a block of kt stays in L1 while every query passes over it.
+HX_CPU_ALWAYS_INLINE void all_scores(const float* q, int64_t queries, const float* kt,
+                                     int64_t kp, int64_t hd, float* scores) {
+  for (int64_t j0 = 0; j0 < kp; j0 += 4 * kWideLanes) {
+    const int vectors = static_cast<int>(std::min<int64_t>(4, (kp - j0) / kWideLanes));
+    for (int64_t q0 = 0; q0 < queries; q0 += 4) {
+      const float* qq = q + q0 * hd;
+      float* sq = scores + q0 * kp;
+      switch (std::min<int64_t>(4, queries - q0)) {
+        case 1: score_tile_of<1>(vectors, qq, kt, kp, hd, j0, sq); break;
+        case 2: score_tile_of<2>(vectors, qq, kt, kp, hd, j0, sq); break;
+        case 3: score_tile_of<3>(vectors, qq, kt, kp, hd, j0, sq); break;
+        default: score_tile_of<4>(vectors, qq, kt, kp, hd, j0, sq); break;
+      }
+    }
+  }
+}
+
+// acc rows of kQ queries (hd == kHV * kWideLanes apart) += sum over keys [0, keys) of
+// p[a][j] * vf[j][..]: each value row is loaded once for all kQ queries. Only for values
+// that are all finite: a masked key's weight is exactly 0, and 0 * finite adds nothing.
+template <int kQ, int kHV>
+HX_CPU_ALWAYS_INLINE void values_tile(const float* p, int64_t kp, const float* vf, int64_t keys,
+                                      float* out) {
+  WideVec::F acc[kQ][kHV];
+  for (int a = 0; a < kQ; ++a) {
+    for (int v = 0; v < kHV; ++v) acc[a][v] = WideVec::F{};
+  }
+  for (int64_t j = 0; j < keys; ++j) {
+    WideVec::F x[kHV];
+    for (int v = 0; v < kHV; ++v) x[v] = WideVec::load(vf + (j * kHV + v) * kWideLanes);
+    for (int a = 0; a < kQ; ++a) {
+      const WideVec::F pj = WideVec::splat(p[a * kp + j]);
+      for (int v = 0; v < kHV; ++v) acc[a][v] += pj * x[v];
+    }
+  }
+  for (int a = 0; a < kQ; ++a) std::memcpy(out + a * kHV * kWideLanes, acc[a], sizeof(acc[a]));
 }
 
 // acc[0 .. kHV * kWideLanes) += sum over keys j = key(t), t in [t0, t1), of p[j] * vf[j][..]
@@ -413,8 +472,16 @@ HX_CPU_ALWAYS_INLINE void attend(const AttentionArgs<T>& a, int64_t kv, int64_t 
   for (int64_t d = 0; d < hd; ++d) {
     for (int64_t j = keys; j < kp; ++j) kt[d * kp + j] = 0.0f;
   }
-#pragma omp simd
-  for (int64_t e = 0; e < keys * hd; ++e) vf[e] = to_float(v_head[e]);
+  bool values_finite = true;  // then masked keys need no skipping in the weighted sum
+  {
+    float spread = 0.0f;  // inf - inf and NaN make it NaN
+#pragma omp simd reduction(+ : spread)
+    for (int64_t e = 0; e < keys * hd; ++e) {
+      vf[e] = to_float(v_head[e]);
+      spread += vf[e] - vf[e];
+    }
+    values_finite = spread == 0.0f;
+  }
   vis.list.resize(static_cast<size_t>(rows * keys));
   vis.count.resize(static_cast<size_t>(rows));
   vis.keep.resize(static_cast<size_t>(rows * kp));
@@ -444,33 +511,14 @@ HX_CPU_ALWAYS_INLINE void attend(const AttentionArgs<T>& a, int64_t kv, int64_t 
 #pragma omp simd
     for (int64_t d = 0; d < hd; ++d) qq[d] = to_float(from_float<T>(qq[d])) * scale;
   }
-  // 2. Scores, a block of keys at a time for every query.
-  int64_t j0 = 0;
-  for (; j0 + kKeyBlock <= kp; j0 += kKeyBlock) {
-    for (int64_t qi = 0; qi < queries; ++qi) {
-      score_vectors<kKeyVectors>(q + qi * hd, kt, kp, hd, j0, scores + qi * kp);
-    }
-  }
-  if (j0 < kp) {  // the last 1-7 vectors, as many accumulators as vectors
-    for (int64_t qi = 0; qi < queries; ++qi) {
-      const float* qq = q + qi * hd;
-      float* sq = scores + qi * kp;
-      switch ((kp - j0) / kWideLanes) {
-        case 1: score_vectors<1>(qq, kt, kp, hd, j0, sq); break;
-        case 2: score_vectors<2>(qq, kt, kp, hd, j0, sq); break;
-        case 3: score_vectors<3>(qq, kt, kp, hd, j0, sq); break;
-        case 4: score_vectors<4>(qq, kt, kp, hd, j0, sq); break;
-        case 5: score_vectors<5>(qq, kt, kp, hd, j0, sq); break;
-        case 6: score_vectors<6>(qq, kt, kp, hd, j0, sq); break;
-        default: score_vectors<7>(qq, kt, kp, hd, j0, sq); break;
-      }
-    }
-  }
+  // 2. Scores of every query against every key.
+  all_scores(q, queries, kt, kp, hd, scores);
   // 3. Softmax numerators in place of the scores (masked keys: 0), and 1 / their sums.
   for (int64_t qi = 0; qi < queries; ++qi) {
     float* sq = scores + qi * kp;
     if (vis.count[static_cast<size_t>(qi / group)] == 0) {
       inv_sum[qi] = 0.0f;
+      for (int64_t j = 0; j < kp; ++j) sq[j] = 0.0f;
       continue;
     }
     if (!dense(qi)) {
@@ -498,28 +546,43 @@ HX_CPU_ALWAYS_INLINE void attend(const AttentionArgs<T>& a, int64_t kv, int64_t 
     }
     inv_sum[qi] = 1.0f / static_cast<float>(WideVec::horizontal_sum(sum));
   }
-  // 4. The weighted values, a block of keys at a time for every query. A row with masked keys
-  //    walks its list of visible ones (masked values never enter, whatever they hold).
+  // 4. The weighted values. When every value is finite, a masked key's weight is exactly 0
+  //    and adds nothing, so tiles of 4 queries share each value row. Otherwise per query, a
+  //    block of keys at a time, a masked row walking its list of visible keys (masked values
+  //    never enter, whatever they hold).
   for (int64_t e = 0; e < queries * hd; ++e) acc[e] = 0.0f;
-  std::vector<int64_t> cursor(static_cast<size_t>(queries), 0);  // position in the row's list
-  for (int64_t b0 = 0; b0 < keys; b0 += kKeyBlock) {
-    const int64_t b1 = std::min<int64_t>(keys, b0 + kKeyBlock);
-    for (int64_t qi = 0; qi < queries; ++qi) {
-      if (inv_sum[qi] == 0.0f) continue;
-      const float* p = scores + qi * kp;
-      float* out = acc + qi * hd;
-      if (dense(qi)) {
-        add_weighted_values(p, vf, [](int64_t t) { return t; }, b0, b1, hd, out);
-        continue;
+  if (values_finite && hd == 4 * kWideLanes) {  // all queries, tiles of 4
+    for (int64_t q0 = 0; q0 < queries; q0 += 4) {
+      const float* p = scores + q0 * kp;
+      float* out = acc + q0 * hd;
+      switch (std::min<int64_t>(4, queries - q0)) {
+        case 1: values_tile<1, 4>(p, kp, vf, keys, out); break;
+        case 2: values_tile<2, 4>(p, kp, vf, keys, out); break;
+        case 3: values_tile<3, 4>(p, kp, vf, keys, out); break;
+        default: values_tile<4, 4>(p, kp, vf, keys, out); break;
       }
-      const int32_t* list = vis.list.data() + qi / group * keys;
-      const int64_t count = vis.count[static_cast<size_t>(qi / group)];
-      int64_t& t0 = cursor[static_cast<size_t>(qi)];
-      int64_t t1 = t0;
-      while (t1 < count && list[t1] < b1) ++t1;
-      add_weighted_values(p, vf, [list](int64_t t) { return static_cast<int64_t>(list[t]); },
-                          t0, t1, hd, out);
-      t0 = t1;
+    }
+  } else {  // per query, a masked row walking its list of visible keys
+    std::vector<int64_t> cursor(static_cast<size_t>(queries), 0);  // position in the row's list
+    for (int64_t b0 = 0; b0 < keys; b0 += kKeyBlock) {
+      const int64_t b1 = std::min<int64_t>(keys, b0 + kKeyBlock);
+      for (int64_t qi = 0; qi < queries; ++qi) {
+        if (inv_sum[qi] == 0.0f) continue;
+        const float* p = scores + qi * kp;
+        float* out = acc + qi * hd;
+        if (dense(qi)) {
+          add_weighted_values(p, vf, [](int64_t t) { return t; }, b0, b1, hd, out);
+          continue;
+        }
+        const int32_t* list = vis.list.data() + qi / group * keys;
+        const int64_t count = vis.count[static_cast<size_t>(qi / group)];
+        int64_t& t0 = cursor[static_cast<size_t>(qi)];
+        int64_t t1 = t0;
+        while (t1 < count && list[t1] < b1) ++t1;
+        add_weighted_values(p, vf, [list](int64_t t) { return static_cast<int64_t>(list[t]); },
+                            t0, t1, hd, out);
+        t0 = t1;
+      }
     }
   }
   for (int64_t qi = 0; qi < queries; ++qi) {
