@@ -139,15 +139,16 @@ def test_lean_forward_bfloat16_is_within_rounding(name, layer_ops):
         assert step_err.max() <= max(1.25 * hf_step_err.max(), 0.02 * scale)
 
 
-@pytest.mark.parametrize("fused_attention_rows", [4, 16])
+@pytest.mark.parametrize("max_rows,max_work", [(4, 12_000), (32, 12_000), (32, 100)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_decode_layer_ops_match_the_torch_composition(dtype, fused_attention_rows, monkeypatch):
+def test_decode_layer_ops_match_the_torch_composition(dtype, max_rows, max_work, monkeypatch):
     """The fused layer (decode-layer ops) and the torch composition compute the same function:
     prefill, one-token steps and trees of 3 and 9 nodes (the 9-node tree through torch's
-    attention or rope_cache_attention), with captured hidden states."""
+    attention or rope_cache_attention, by rows and by rows x keys), with captured states."""
     import heterospec.lean_target as lt
 
-    monkeypatch.setattr(lt, "FUSED_ATTENTION_MAX_ROWS", fused_attention_rows)
+    monkeypatch.setattr(lt, "FUSED_ATTENTION_MAX_ROWS", max_rows)
+    monkeypatch.setattr(lt, "FUSED_ATTENTION_MAX_WORK", max_work)
     model = MODELS["llama-gqa"]()._apply(lambda t: t.to(dtype) if t.is_floating_point() else t)
     target = hs.CausalLM(model, check_tree_attention=False)
     target.capture_hidden_states([0, 2])

@@ -27,7 +27,12 @@ As a script (the numbers in bench/RESULTS.md)::
    then end to end our AR loop and the static tree d3 k6 N16 with the shipped head
    (``--new-tokens`` tokens on ``--prompts`` prompts per set): tok/s, medians of the per-pair
    ratios.
-6. **AR against HF generate.** Greedy decoding of ``--new-tokens`` tokens on HumanEval, GSM8K
+6. **The attention op against torch** (``--parts attention``). ``rope_cache_attention`` against
+   RoPE from the table, the cache writes and torch's ``scaled_dot_product_attention`` (the lean
+   target's path above 16 rows), at SmolLM2's heads (9 query and 3 KV heads of 64, bf16) for
+   1-32 new rows over 300, 700 and 1,500 cached rows, a causal tree mask; medians of
+   ``--reps`` x 30 alternating calls.
+7. **AR against HF generate.** Greedy decoding of ``--new-tokens`` tokens on HumanEval, GSM8K
    and MT-bench prompts: our AR loop (lean verifier) and ``model.generate`` for each dtype x
    attention; median of ``--reps`` per prompt, summed over prompts.
 
@@ -248,6 +253,56 @@ def target_ops_ab(target, prefix_ids, tok, prompts_per_set, new_tokens, reps):
     return out
 
 
+def attention_grid(rows, cached, reps):
+    """{cached: {rows: (op µs, torch µs)}} for rope_cache_attention against its composition."""
+    import torch.nn.functional as F
+
+    import heterospec_ext as hx
+    from heterospec.lean_target import RopeTable
+
+    heads, kv_heads, hd, dt = 9, 3, 64, torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    angles = torch.rand(4096, hd // 2, generator=g) * 6.3
+    table = torch.stack((torch.cat((angles.cos(), angles.cos()), -1),
+                         torch.cat((-angles.sin(), angles.sin()), -1)), dim=1)
+    out = {}
+    for length in cached:
+        out[length] = {}
+        for n in rows:
+            qkv = torch.randn(n, (heads + 2 * kv_heads) * hd, generator=g).to(dt)
+            k_cache = torch.randn(kv_heads, length + n, hd, generator=g).to(dt)
+            v_cache = torch.randn(kv_heads, length + n, hd, generator=g).to(dt)
+            positions = length + torch.arange(n)
+            visible = torch.ones(n, length + n, dtype=torch.bool)
+            visible[:, length:] = chain(n)
+            mask = visible[None, None]
+
+            def op():
+                hx.rope_cache_attention(qkv, table, positions, k_cache, v_cache, length,
+                                        visible if n > 1 else None, heads, kv_heads)
+
+            def composition():
+                x = qkv.view(n, heads + 2 * kv_heads, hd)
+                qk = RopeTable.rotate(x[:, :heads + kv_heads].float(), table[positions]).to(dt)
+                k_cache[:, length:] = qk[:, heads:].transpose(0, 1)
+                v_cache[:, length:] = x[:, heads + kv_heads:].transpose(0, 1)
+                F.scaled_dot_product_attention(
+                    qk[:, :heads].transpose(0, 1)[None], k_cache[None], v_cache[None],
+                    attn_mask=mask if n > 1 else None, enable_gqa=True)
+
+            times = {op: [], composition: []}
+            for _ in range(reps * 30):
+                for fn in (op, composition):
+                    t0 = time.perf_counter()
+                    fn()
+                    times[fn].append(time.perf_counter() - t0)
+            mine, theirs = (1e6 * statistics.median(times[fn]) for fn in (op, composition))
+            out[length][n] = (mine, theirs)
+            print(f"attention over {length} cached rows, {n} new: op {mine:.0f} µs, torch "
+                  f"{theirs:.0f} µs ({theirs / mine:.2f}x)", flush=True)
+    return out
+
+
 def draft_cost_by_vocab(target, prompt_ids, sizes, reps, top_k=8):
     """{draft vocabulary size: per-level ms} of random heads shaped like the shipped one."""
     import tempfile
@@ -289,6 +344,14 @@ def main(argv=None):
     parts = args.parts.split(",")
     result = {"threads": args.threads, "prefix": args.prefix, "reps": args.reps,
               "torch": torch.__version__, "command": " ".join(sys.argv)}
+    if "attention" in parts:
+        result["attention_us"] = attention_grid((1, 4, 8, 16, 24, 32), (300, 700, 1500),
+                                                args.reps)
+    if parts == ["attention"]:
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=1)
+        return 0
     targets = {dt: hs.load_target(dtype=getattr(torch, dt)) for dt in ("bfloat16", "float32")}
     tok = targets["float32"].tokenizer
     text = " ".join(p["text"] for p in load_prompts("mtbench", 8))

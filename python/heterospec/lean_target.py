@@ -6,10 +6,10 @@ Why not the Hugging Face module: on a 2-core CPU a decode step of SmolLM2-135M t
 small tensor copies than in reading the weights (bench/RESULTS.md). Here each decoder layer is
 four packed GEMMs (q/k/v fused, o, gate/up fused, down) and, between them, the decode-layer ops
 of ``heterospec_ext``: ``fused_add_rms_norm`` (residual add and the next norm in one pass),
-``silu_and_mul``, and up to 16 rows ``rope_cache_attention`` (RoPE, cache append and
-attention). More rows, a prompt's, take RoPE from a precomputed table and torch's
-``scaled_dot_product_attention``, which is faster there. The residual stream stays in float32
-whatever the weight dtype. Weight dtypes the ops do not take (float16) run the same layer as a
+``silu_and_mul``, and for a few rows over a cache of usual length ``rope_cache_attention``
+(RoPE, cache append and attention). More work, a prompt's chunks or a long context, takes RoPE
+from a precomputed table and torch's ``scaled_dot_product_attention``, which is faster there.
+The residual stream stays in float32 whatever the weight dtype. Weight dtypes the ops do not take (float16) run the same layer as a
 torch composition.
 
 It computes the same function as the HF model (same weights, same normalisation, rotary and
@@ -41,12 +41,14 @@ STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 # prompt tokens per prefill forward: bounds the mask's memory and returns control to Python
 # (Ctrl-C) between chunks, at no measurable cost in GEMM efficiency
 PREFILL_CHUNK = 512
-# up to this many new rows (one-token steps and trees of up to 16 nodes), LeanDecoder's
-# attention is rope_cache_attention: against RoPE + torch's attention (SmolLM2's 9/3 heads,
-# bf16, 2 threads) it is 3.3x faster at 1 row and 2.4x at 16 over a 300-token cache, 2.1x and
-# 1.6x over 700, 1.2x and even over 1,500; beyond 16 rows a long cache favours torch
-# (0.5x at 24 rows over 1,500)
-FUSED_ATTENTION_MAX_ROWS = 16
+# LeanDecoder's attention is rope_cache_attention for up to FUSED_ATTENTION_MAX_ROWS new rows
+# when rows x keys is at most FUSED_ATTENTION_MAX_WORK, else RoPE + torch's attention. Against
+# the latter (bench_lean_decode.py --parts attention; SmolLM2's 9/3 heads, bf16, 2 threads) the
+# op is 2.3x faster at 1 row and 1.6x at 16 over 300 cached rows, 1.2x at 32; over 700 cached
+# rows 1.7x at 1 row, 1.06x at 16 and 0.85x at 32; over 1,500 about even up to 4 rows and
+# 0.8x at 16. One-token steps and the trees of a usual context stay on the op.
+FUSED_ATTENTION_MAX_ROWS = 32
+FUSED_ATTENTION_MAX_WORK = 12_000
 
 
 def lean_unsupported_reason(model) -> Optional[str]:
@@ -290,7 +292,7 @@ class LeanDecoder:
         n = int(tokens.numel())
         end = start + n
         w = self.w
-        if w.fused and n <= FUSED_ATTENTION_MAX_ROWS:
+        if w.fused and n <= FUSED_ATTENTION_MAX_ROWS and n * end <= FUSED_ATTENTION_MAX_WORK:
             table = w.rope(int(positions.max()) + 1)
             visible = None if mask is None else mask[0, 0]
 
