@@ -70,7 +70,8 @@ def attention_composition(qkv, rope, positions, k_cache, v_cache, cache_len, vis
     v_cache[:, cache_len:cache_len + n] = x[:, heads + kv_heads:].transpose(0, 1)
     out = F.scaled_dot_product_attention(
         qk[:, :heads].transpose(0, 1)[None], k_cache[None, :, :cache_len + n],
-        v_cache[None, :, :cache_len + n], attn_mask=visible[None, None], enable_gqa=True)
+        v_cache[None, :, :cache_len + n],
+        attn_mask=None if visible is None else visible[None, None], enable_gqa=True)
     return out[0].transpose(0, 1).reshape(n, heads * hd)
 
 

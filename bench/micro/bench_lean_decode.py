@@ -254,49 +254,37 @@ def target_ops_ab(target, prefix_ids, tok, prompts_per_set, new_tokens, reps):
 
 
 def attention_grid(rows, cached, reps):
-    """{cached: {rows: (op µs, torch µs)}} for rope_cache_attention against its composition."""
-    import torch.nn.functional as F
+    """{cached: {rows: (op µs, torch µs)}} for rope_cache_attention against its composition
+    (``bench_decode_layer.attention_composition``), at the sizes of that module."""
+    from bench_decode_layer import DT, HEAD_DIM, HEADS, KV_HEADS, attention_composition
 
     import heterospec_ext as hx
-    from heterospec.lean_target import RopeTable
 
-    heads, kv_heads, hd, dt = 9, 3, 64, torch.bfloat16
     g = torch.Generator().manual_seed(0)
-    angles = torch.rand(4096, hd // 2, generator=g) * 6.3
+    angles = torch.rand(4096, HEAD_DIM // 2, generator=g) * 6.3
     table = torch.stack((torch.cat((angles.cos(), angles.cos()), -1),
                          torch.cat((-angles.sin(), angles.sin()), -1)), dim=1)
     out = {}
     for length in cached:
         out[length] = {}
         for n in rows:
-            qkv = torch.randn(n, (heads + 2 * kv_heads) * hd, generator=g).to(dt)
-            k_cache = torch.randn(kv_heads, length + n, hd, generator=g).to(dt)
-            v_cache = torch.randn(kv_heads, length + n, hd, generator=g).to(dt)
-            positions = length + torch.arange(n)
-            visible = torch.ones(n, length + n, dtype=torch.bool)
-            visible[:, length:] = chain(n)
-            mask = visible[None, None]
-
-            def op():
-                hx.rope_cache_attention(qkv, table, positions, k_cache, v_cache, length,
-                                        visible if n > 1 else None, heads, kv_heads)
-
-            def composition():
-                x = qkv.view(n, heads + 2 * kv_heads, hd)
-                qk = RopeTable.rotate(x[:, :heads + kv_heads].float(), table[positions]).to(dt)
-                k_cache[:, length:] = qk[:, heads:].transpose(0, 1)
-                v_cache[:, length:] = x[:, heads + kv_heads:].transpose(0, 1)
-                F.scaled_dot_product_attention(
-                    qk[:, :heads].transpose(0, 1)[None], k_cache[None], v_cache[None],
-                    attn_mask=mask if n > 1 else None, enable_gqa=True)
-
-            times = {op: [], composition: []}
+            qkv = torch.randn(n, (HEADS + 2 * KV_HEADS) * HEAD_DIM, generator=g).to(DT)
+            k_cache = torch.randn(KV_HEADS, length + n, HEAD_DIM, generator=g).to(DT)
+            v_cache = torch.randn(KV_HEADS, length + n, HEAD_DIM, generator=g).to(DT)
+            visible = None
+            if n > 1:
+                visible = torch.ones(n, length + n, dtype=torch.bool)
+                visible[:, length:] = chain(n)
+            args = (qkv, table, length + torch.arange(n), k_cache, v_cache, length, visible,
+                    HEADS, KV_HEADS)
+            sides = (hx.rope_cache_attention, attention_composition)
+            times = {fn: [] for fn in sides}
             for _ in range(reps * 30):
-                for fn in (op, composition):
+                for fn in sides:
                     t0 = time.perf_counter()
-                    fn()
+                    fn(*args)
                     times[fn].append(time.perf_counter() - t0)
-            mine, theirs = (1e6 * statistics.median(times[fn]) for fn in (op, composition))
+            mine, theirs = (1e6 * statistics.median(times[fn]) for fn in sides)
             out[length][n] = (mine, theirs)
             print(f"attention over {length} cached rows, {n} new: op {mine:.0f} µs, torch "
                   f"{theirs:.0f} µs ({theirs / mine:.2f}x)", flush=True)

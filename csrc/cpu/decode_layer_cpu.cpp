@@ -35,15 +35,12 @@ namespace {
 
 // The attention and SiLU loops run as target_clones (AVX-512, AVX2 and the
 // baseline, chosen once at load time): the package is built for the baseline
-// x86-64, where the 8-lane vectors of cpu/simd.h are split in two.
+// x86-64, where the 16-lane vectors of cpu/simd.h are split in four.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define HX_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define HX_CPU_CLONES
 #endif
-
-constexpr int kLanes = 8;
-using Vec = cpu::Simd<kLanes>;
 
 HX_CPU_ALWAYS_INLINE float to_float(float x) { return x; }
 HX_CPU_ALWAYS_INLINE float to_float(c10::BFloat16 x) {
@@ -65,14 +62,13 @@ HX_CPU_ALWAYS_INLINE c10::BFloat16 from_float<c10::BFloat16>(float x) {
                        c10::BFloat16::from_bits());
 }
 
-// n rounded up to whole Vec vectors.
-inline int64_t whole_vectors(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
-
 // The loops that are all arithmetic (SiLU, the attention's scores and weighted sums) use 16
 // lanes: one AVX-512 register in the x86-64-v4 clone, two in the AVX2 one.
 constexpr int kWideLanes = 16;
 using WideVec = cpu::Simd<kWideLanes>;
-inline int64_t whole_wide_vectors(int64_t n) {
+
+// n rounded up to whole WideVec vectors.
+inline int64_t whole_vectors(int64_t n) {
   return (n + kWideLanes - 1) / kWideLanes * kWideLanes;
 }
 
@@ -204,7 +200,7 @@ HX_CPU_ALWAYS_INLINE WideVec::F silu(WideVec::F g) {
   return g * ((g < zero ? e : one) / (one + e));
 }
 
-// Rows [begin, end) of silu_and_mul, a row in tiles: gates to float (vectorised), SiLU in Vec
+// Rows [begin, end) of silu_and_mul, a row in tiles: gates to float (vectorised), SiLU in WideVec
 // lanes, then * up and one rounding.
 template <typename T>
 HX_CPU_ALWAYS_INLINE void silu_and_mul_rows(const T* src, T* dst, int64_t begin, int64_t end,
@@ -216,7 +212,7 @@ HX_CPU_ALWAYS_INLINE void silu_and_mul_rows(const T* src, T* dst, int64_t begin,
     T* o_row = dst + i * width;
     for (int64_t d0 = 0; d0 < width; d0 += kSiluTile) {
       const int64_t len = std::min<int64_t>(kSiluTile, width - d0);
-      const int64_t padded = whole_wide_vectors(len);
+      const int64_t padded = whole_vectors(len);
 #pragma omp simd
       for (int64_t l = 0; l < len; ++l) tile[l] = to_float(g_row[d0 + l]);
       for (int64_t l = len; l < padded; ++l) tile[l] = 0.0f;
@@ -232,8 +228,8 @@ HX_CPU_ALWAYS_INLINE void silu_and_mul_rows(const T* src, T* dst, int64_t begin,
   }
 }
 
-// One overload per activation type, each compiled as clones: 8-lane vectors are native only
-// in the AVX2 / AVX-512 clones (the baseline splits them).
+// One overload per activation type, each compiled as clones: 16-lane vectors are native only
+// in the AVX-512 clone (AVX2 splits them in two, the baseline in four).
 HX_CPU_CLONES void silu_and_mul_cloned(const float* src, float* dst, int64_t begin, int64_t end,
                                        int64_t width) {
   silu_and_mul_rows(src, dst, begin, end, width);
@@ -303,17 +299,40 @@ constexpr int64_t kKeyBlock = 8 * kWideLanes;
 // ([hd, kp] and [kp, hd], kp = keys in whole vectors), then per query (rows * group) its
 // scores [kp], the query and its output accumulator [hd] each, and 1 / its softmax sum.
 inline int64_t attention_scratch(int64_t keys, int64_t head_dim, int64_t queries) {
-  const int64_t kp = whole_wide_vectors(keys);
+  const int64_t kp = whole_vectors(keys);
   return 2 * head_dim * kp + queries * (kp + 2 * head_dim + 1);
 }
 
-// The visible keys of a block's rows: per row, whether every key is visible, else the list of
-// the visible ones and a float copy of its mask row (1 visible, 0 not) for vector selects.
+// The visible keys of each row, built once per call and shared by every KV head's items:
+// per row the number it sees (keys: every key), and with a mask the list of the visible
+// ones and a float copy of its mask row (1 visible, 0 not) for vector selects.
 struct VisibleKeys {
-  std::vector<int32_t> list;   // [rows, keys]
-  std::vector<int64_t> count;  // [rows]; keys when the row sees every key
-  std::vector<float> keep;     // [rows, kp]
+  std::vector<int64_t> count;  // [n]
+  std::vector<int32_t> list;   // [n, keys]
+  std::vector<float> keep;     // [n, kp]
 };
+
+VisibleKeys visible_keys(const bool* visible, int64_t n, int64_t keys) {
+  VisibleKeys vis;
+  vis.count.assign(static_cast<size_t>(n), keys);
+  if (visible == nullptr) return vis;
+  const int64_t kp = whole_vectors(keys);
+  vis.list.resize(static_cast<size_t>(n * keys));
+  vis.keep.assign(static_cast<size_t>(n * kp), 0.0f);
+  for (int64_t i = 0; i < n; ++i) {
+    const bool* mask = visible + i * keys;
+    int32_t* list = vis.list.data() + i * keys;
+    float* keep = vis.keep.data() + i * kp;
+    int64_t count = 0;
+    for (int64_t j = 0; j < keys; ++j) {
+      list[count] = static_cast<int32_t>(j);
+      count += mask[j] ? 1 : 0;
+      keep[j] = mask[j] ? 1.0f : 0.0f;
+    }
+    vis.count[static_cast<size_t>(i)] = count;
+  }
+  return vis;
+}
 
 // The scores of kQ queries (rows of q, hd apart) against kNV vectors of keys from j0: each
 // step over d loads kNV key vectors once for all kQ queries (kQ * kNV accumulators, at most
@@ -447,10 +466,10 @@ HX_CPU_ALWAYS_INLINE void add_weighted_values(const float* p, const float* vf, K
 // Rows [row_begin, row_end) of KV head `kv`.
 template <typename T>
 HX_CPU_ALWAYS_INLINE void attend(const AttentionArgs<T>& a, int64_t kv, int64_t row_begin,
-                                 int64_t row_end, float* scratch, VisibleKeys& vis) {
+                                 int64_t row_end, float* scratch, const VisibleKeys& vis) {
   const int64_t hd = a.head_dim;
   const int64_t keys = a.keys;
-  const int64_t kp = whole_wide_vectors(keys);
+  const int64_t kp = whole_vectors(keys);
   const int64_t width = (a.heads + 2 * a.kv_heads) * hd;
   const int64_t group = a.heads / a.kv_heads;
   const int64_t rows = row_end - row_begin;
@@ -482,26 +501,11 @@ HX_CPU_ALWAYS_INLINE void attend(const AttentionArgs<T>& a, int64_t kv, int64_t 
     }
     values_finite = spread == 0.0f;
   }
-  vis.list.resize(static_cast<size_t>(rows * keys));
-  vis.count.resize(static_cast<size_t>(rows));
-  vis.keep.resize(static_cast<size_t>(rows * kp));
-  for (int64_t r = 0; r < rows; ++r) {
-    int64_t count = keys;
-    if (a.visible) {
-      const bool* mask = a.visible + (row_begin + r) * keys;
-      int32_t* list = vis.list.data() + r * keys;
-      float* keep = vis.keep.data() + r * kp;
-      count = 0;
-      for (int64_t j = 0; j < keys; ++j) {
-        list[count] = static_cast<int32_t>(j);
-        count += mask[j] ? 1 : 0;
-        keep[j] = mask[j] ? 1.0f : 0.0f;
-      }
-      for (int64_t j = keys; j < kp; ++j) keep[j] = 0.0f;
-    }
-    vis.count[static_cast<size_t>(r)] = count;
-  }
-  auto dense = [&](int64_t qi) { return vis.count[static_cast<size_t>(qi / group)] == keys; };
+  // query qi belongs to row row_begin + qi / group
+  auto visible_count = [&](int64_t qi) {
+    return vis.count[static_cast<size_t>(row_begin + qi / group)];
+  };
+  auto dense = [&](int64_t qi) { return visible_count(qi) == keys; };
   // 1. The queries: RoPE, rounded to T (as a bfloat16 cache holds them), scaled.
   for (int64_t qi = 0; qi < queries; ++qi) {
     const int64_t i = row_begin + qi / group;
@@ -516,13 +520,13 @@ HX_CPU_ALWAYS_INLINE void attend(const AttentionArgs<T>& a, int64_t kv, int64_t 
   // 3. Softmax numerators in place of the scores (masked keys: 0), and 1 / their sums.
   for (int64_t qi = 0; qi < queries; ++qi) {
     float* sq = scores + qi * kp;
-    if (vis.count[static_cast<size_t>(qi / group)] == 0) {
+    if (visible_count(qi) == 0) {
       inv_sum[qi] = 0.0f;
       for (int64_t j = 0; j < kp; ++j) sq[j] = 0.0f;
       continue;
     }
     if (!dense(qi)) {
-      const float* keep = vis.keep.data() + qi / group * kp;
+      const float* keep = vis.keep.data() + (row_begin + qi / group) * kp;
       for (int64_t j = 0; j < kp; j += kWideLanes) {
         const WideVec::F x = WideVec::load(sq + j);
         const WideVec::F y =
@@ -574,8 +578,8 @@ HX_CPU_ALWAYS_INLINE void attend(const AttentionArgs<T>& a, int64_t kv, int64_t 
           add_weighted_values(p, vf, [](int64_t t) { return t; }, b0, b1, hd, out);
           continue;
         }
-        const int32_t* list = vis.list.data() + qi / group * keys;
-        const int64_t count = vis.count[static_cast<size_t>(qi / group)];
+        const int32_t* list = vis.list.data() + (row_begin + qi / group) * keys;
+        const int64_t count = visible_count(qi);
         int64_t& t0 = cursor[static_cast<size_t>(qi)];
         int64_t t1 = t0;
         while (t1 < count && list[t1] < b1) ++t1;
@@ -598,13 +602,13 @@ HX_CPU_ALWAYS_INLINE void attend(const AttentionArgs<T>& a, int64_t kv, int64_t 
 
 // One overload per activation type, each compiled as clones.
 HX_CPU_CLONES void attend_cloned(const AttentionArgs<float>& a, int64_t kv, int64_t row_begin,
-                                 int64_t row_end, float* scratch, VisibleKeys& vis) {
+                                 int64_t row_end, float* scratch, const VisibleKeys& vis) {
   attend(a, kv, row_begin, row_end, scratch, vis);
 }
 
 HX_CPU_CLONES void attend_cloned(const AttentionArgs<c10::BFloat16>& a, int64_t kv,
                                  int64_t row_begin, int64_t row_end, float* scratch,
-                                 VisibleKeys& vis) {
+                                 const VisibleKeys& vis) {
   attend(a, kv, row_begin, row_end, scratch, vis);
 }
 
@@ -668,9 +672,9 @@ at::Tensor rope_cache_attention_cpu(const at::Tensor& qkv_in, const at::Tensor& 
     const int64_t rows_per_block = (n + blocks - 1) / blocks;
     const int64_t scratch_floats =
         attention_scratch(a.keys, hd, rows_per_block * (num_heads / num_kv_heads));
+    const VisibleKeys vis = visible_keys(a.visible, n, a.keys);
     at::parallel_for(0, num_kv_heads * blocks, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> scratch(static_cast<size_t>(scratch_floats));
-      VisibleKeys vis;
       for (int64_t item = begin; item < end; ++item) {
         const int64_t kv = item % num_kv_heads;
         const int64_t row_begin = item / num_kv_heads * rows_per_block;

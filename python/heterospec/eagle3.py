@@ -63,7 +63,7 @@ import heterospec_ext as hx
 from .drafter import Drafter
 from .errors import DraftCheckpointError, ModelLoadError
 from .expansion import CandidatePool, TreeExpansion
-from .lean_target import RopeTable
+from .lean_target import RopeTable, rotated_qkv
 from .packed_linear import PackedLinear
 from .target import CausalLM
 
@@ -536,13 +536,11 @@ class PackedEagle3Head:
         """RoPE, cache append and torch's attention: ``[n, heads * head_dim]``."""
         n = qkv.shape[0]
         nh, nkv, hd = self.heads, self.kv_heads, self.head_dim
-        qkv = qkv.view(n, nh + 2 * nkv, hd)
         rope = self.rope.at_position(positions, n) if isinstance(positions, int) \
             else self.rope.at(positions)
-        qk = RopeTable.rotate(qkv[:, :nh + nkv].float(), rope).to(self.dtype)
-        keys, values = cache.append(qk[None, :, nh:].transpose(1, 2),
-                                    qkv[None, :, nh + nkv:].transpose(1, 2))
-        q = qk[:, :nh].transpose(0, 1)[None]
+        q, k, v = rotated_qkv(self, qkv, rope)
+        keys, values = cache.append(k[None].transpose(1, 2), v[None].transpose(1, 2))
+        q = q.transpose(0, 1)[None]
         mask = None if visible is None else visible[None, None]
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
                                              enable_gqa=nkv != nh)

@@ -316,9 +316,11 @@ class LeanDecoder:
         return decoder_forward(self.target, w, tokens, attend, rows)
 
 
-def rotated_qkv(w: LeanWeights, qkv: torch.Tensor, rope: torch.Tensor):
-    """``(q, k, v)`` of a fused q/k/v projection ``qkv`` ``[n, (heads + 2 kv_heads) head_dim]``:
-    ``q`` ``[n, heads, head_dim]`` and ``k`` ``[n, kv_heads, head_dim]`` rotated by ``rope``
+def rotated_qkv(w, qkv: torch.Tensor, rope: torch.Tensor):
+    """``(q, k, v)`` of a fused q/k/v projection ``qkv`` ``[n, (heads + 2 kv_heads) head_dim]``
+    of a layer ``w`` with ``heads``, ``kv_heads``, ``head_dim`` and ``dtype``
+    (:class:`LeanWeights`, ``PackedEagle3Head``): ``q`` ``[n, heads, head_dim]`` and ``k``
+    ``[n, kv_heads, head_dim]`` rotated by ``rope``
     ``[n, 2, head_dim]`` (:meth:`RopeTable.at`), ``v`` ``[n, kv_heads, head_dim]``; all in the
     weight dtype."""
     n, nh, nkv = qkv.shape[0], w.heads, w.kv_heads
