@@ -327,6 +327,18 @@ def test_malformed_checkpoints(target, tmp_path):
     (corrupt / "config.json").write_text(json.dumps(cfg))
     (corrupt / "model.safetensors").write_bytes(b"\x00" * 16)
     _expect_error(str(corrupt), target, "could not read")
+    # layer counts: two is train-draft's experiment (not drafted), others are no head's
+    stacked = tmp_path / "stacked"
+    save_eagle3_head(stacked, dict(cfg, num_hidden_layers=2), good)
+    _expect_error(str(stacked), target, "num_hidden_layers 2", "one-layer heads")
+    for bad in (3, 0, "1"):
+        d = tmp_path / f"layers{bad}"
+        save_eagle3_head(d, dict(cfg, num_hidden_layers=bad), good)
+        _expect_error(str(d), target, "num_hidden_layers must be 1", repr(bad))
+    # a config.json without num_hidden_layers is a one-layer head (not LlamaConfig's 32)
+    unstated = tmp_path / "unstated"
+    save_eagle3_head(unstated, {k: v for k, v in cfg.items() if k != "num_hidden_layers"}, good)
+    assert len(Eagle3Drafter.from_pretrained(str(unstated), target).head.layers) == 0
 
 
 def test_head_for_another_target_is_rejected(target, tmp_path):

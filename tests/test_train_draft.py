@@ -57,9 +57,10 @@ def _conversations(n, seed=0):
     return convs
 
 
-def _head(target, draft_ids, seed=1):
+def _head(target, draft_ids, seed=1, head_layers=1):
     layers = [2, LAYERS // 2, LAYERS - 3]
-    head = Eagle3Head(eagle3_config(td.head_config(target, int(draft_ids.numel()), layers)))
+    head = Eagle3Head(eagle3_config(td.head_config(target, int(draft_ids.numel()), layers,
+                                                   head_layers)))
     td.init_head(head, target, draft_ids)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # every weight matters in the comparison, not only the init
@@ -125,6 +126,117 @@ def test_ttt_unroll_rejects_a_wrong_chain(tmp_path):
     wrong = head(tokens[0, j + 1: j + 2], out[-1:], torch.tensor([j + 1]),
                  torch.ones((1, cache.length + 1), dtype=torch.bool), cache, from_target=False)
     assert not torch.allclose(head.logits(wrong)[0], train_logits[1][0, j], atol=1e-3)
+
+
+def _masked_attention_chain(head, embed_w, tokens, states, j, steps):
+    """Readable reference for a stacked head's unroll at entry ``j``: the nodes are the step-0
+    entries 0..j, then one chain node per later step; every layer runs over all nodes at once
+    with an explicit visibility mask (a chain node sees entries 0..j and the chain up to
+    itself), recomputed from scratch for each step since a chain node's input is the previous
+    node's output. Returns the logits of steps 0..steps-1 at entry j ``[steps, Vd]``."""
+    import math
+
+    def run(inputs, toks, pos, visible):
+        g = inputs[None]
+        emb = torch.nn.functional.embedding(toks, embed_w)[None]
+        attn = head.midlayer.self_attn
+        rep, scale = attn.heads // attn.kv_heads, 1.0 / math.sqrt(attn.head_dim)
+
+        def attend(q, k, v):
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+            s = (q @ k.transpose(2, 3)) * scale
+            return torch.softmax(s.masked_fill(~visible, float("-inf")), -1) @ v
+
+        g = head.residual_update(g, attend(*head.attention_inputs(emb, g, pos[None])))
+        for layer in head.layers:
+            g = layer.residual_update(g, attend(*layer.attention_inputs(g, head.rotary,
+                                                                         pos[None])))
+        return g[0]
+
+    t = tokens.shape[0]
+    base_in = head.fc(states[: j + 1])
+    base_tok = tokens[1: j + 2]
+    out = []
+    chain_in, chain_tok, chain_pos = [], [], []
+    for k in range(steps):
+        n = j + 1 + k
+        visible = torch.zeros((n, n), dtype=torch.bool)
+        visible[: j + 1, : j + 1] = torch.ones((j + 1, j + 1), dtype=torch.bool).tril_()
+        for c in range(k):
+            visible[j + 1 + c, : j + 1] = True
+            visible[j + 1 + c, j + 1: j + 2 + c] = True
+        inputs = torch.cat([base_in] + chain_in) if chain_in else base_in
+        toks = torch.cat([base_tok] + chain_tok) if chain_tok else base_tok
+        pos = torch.cat([torch.arange(j + 1)] + chain_pos) if chain_pos else torch.arange(j + 1)
+        states_out = run(inputs, toks, pos, visible)
+        last = states_out[-1]
+        out.append(head.lm_head(head.norm(last)))
+        chain_in.append(last[None])
+        chain_tok.append(tokens[min(j + k + 2, t - 1)][None])
+        chain_pos.append(torch.tensor([j + k + 1]))
+    return torch.stack(out)
+
+
+def test_ttt_unroll_of_a_two_layer_head_matches_a_masked_reference(tmp_path):
+    """With a stacked layer (train-draft --head-layers 2), each layer attends to its own keys
+    along the chain, as the explicit-mask reference computes; a chain fed one token early
+    differs (the comparison can fail)."""
+    target = _target()
+    seq = torch.randint(3, VOCAB, (18,), generator=torch.Generator().manual_seed(7)).tolist()
+    head, layers = _head(target, torch.arange(3, VOCAB), head_layers=2)
+    assert len(head.layers) == 1
+    data = _pass(target, [seq], layers, tmp_path / "cache")
+    tokens, states = data["tokens"].long()[None], data["states"].float()[None]
+    embed_w = target.model.get_input_embeddings().weight
+    steps = 3
+    with torch.no_grad():
+        train_logits = td.ttt_forward(head.eval(), embed_w, tokens, states, steps)
+        t = tokens.shape[1]
+        for j in (0, 6, t - steps - 1):
+            want = _masked_attention_chain(head, embed_w, tokens[0], states[0], j, steps)
+            for k in range(steps):
+                torch.testing.assert_close(train_logits[k][0, j], want[k], rtol=1e-4, atol=1e-4)
+        shifted = torch.cat([tokens[0, :1], tokens[0, :-1]])
+        wrong = _masked_attention_chain(head, embed_w, shifted, states[0], 6, steps)
+        assert not torch.allclose(wrong[1], train_logits[1][0, 6], atol=1e-3)
+
+
+def test_a_stacked_layer_starts_as_the_one_layer_head(tmp_path):
+    """Growing a one-layer head by a stacked layer (zero residual branches) keeps its function,
+    so --head-layers 2 --init-from a 1-layer head starts where that head is."""
+    target = _target()
+    seq = torch.randint(3, VOCAB, (14,), generator=torch.Generator().manual_seed(8)).tolist()
+    one, layers = _head(target, torch.arange(3, VOCAB))
+    draft_ids = torch.arange(3, VOCAB)
+    two = Eagle3Head(eagle3_config(td.head_config(target, int(draft_ids.numel()), layers, 2)))
+    td.init_head(two, target, draft_ids)  # what train_draft does before loading --init-from
+    with torch.no_grad():
+        for name, p in one.named_parameters():
+            dict(two.named_parameters())[name].copy_(p)
+        # the stacked layer's other weights are random; only its residual branches are zero
+        for p in two.layers[0].parameters():
+            if p.dim() == 2 and p.abs().sum() == 0:
+                continue
+            p.add_(0.1 * torch.randn(p.shape, generator=torch.Generator().manual_seed(9)))
+    data = _pass(target, [seq], layers, tmp_path / "cache")
+    tokens, states = data["tokens"].long()[None], data["states"].float()[None]
+    embed_w = target.model.get_input_embeddings().weight
+    with torch.no_grad():
+        a = td.ttt_forward(one.eval(), embed_w, tokens, states, 3)
+        b = td.ttt_forward(two.eval(), embed_w, tokens, states, 3)
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+        two.layers[0].mlp.down_proj.weight.add_(0.01)  # a live branch changes the logits
+        c = td.ttt_forward(two, embed_w, tokens, states, 3)
+    assert not torch.allclose(a[0], c[0], atol=1e-4)
+    # drafting has no stacked-layer path: refused, never silently run as one layer
+    from heterospec.errors import DraftCheckpointError
+
+    with pytest.raises(DraftCheckpointError, match="2 decoder layers"):
+        Eagle3Drafter(two, target)
+    with pytest.raises(NotImplementedError, match="one-layer heads"):
+        two(tokens[0, :2], states[0, :2], torch.arange(2), torch.ones(2, 2, dtype=torch.bool),
+            two.new_cache(), from_target=True)
 
 
 def test_target_pass_labels_states_and_resume(tmp_path):
@@ -253,6 +365,37 @@ def test_interrupted_training_resumes_to_the_same_head(tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
+def test_max_steps_budget_and_a_stacked_head_grown_from_a_trained_one(tmp_path):
+    """--max-steps ends training (one evaluation, head written) after that many steps; a
+    two-layer head warm-starts from a one-layer checkpoint, is written with its stacked layer,
+    and is refused by the drafter and by a one-layer --init-from with errors that say why."""
+    from safetensors.torch import load_file
+
+    from heterospec.errors import DataError, DraftCheckpointError
+
+    target = _target(logit_scale=30.0)
+    convs = _conversations(60)
+    one = tmp_path / "one"
+    td.train_draft(target, convs, str(one), _small_cfg(epochs=1), str(tmp_path / "w1"), "tiny")
+    two = tmp_path / "two"
+    cfg = _small_cfg(epochs=2, max_steps=4, head_layers=2, init_from=str(one))
+    prov = td.train_draft(target, convs, str(two), cfg, str(tmp_path / "w2"), "tiny")
+    assert prov["steps"] == 4 and prov["complete"] and prov["steps_per_epoch"] > 4
+    assert [e["step"] for e in prov["evaluations"]] == [4]
+    assert json.loads((two / "config.json").read_text())["num_hidden_layers"] == 2
+    tensors = load_file(str(two / "model.safetensors"))
+    assert tensors["layers.0.mlp.down_proj.weight"].abs().sum() > 0  # trained from zero
+    assert torch.equal(tensors["d2t"], load_file(str(one / "model.safetensors"))["d2t"])
+    with pytest.raises(DraftCheckpointError, match="one-layer heads"):
+        Eagle3Drafter.from_pretrained(str(two), target)
+    # rerunning the finished command trains nothing more
+    again = td.train_draft(target, convs, str(two), cfg, str(tmp_path / "w2"), "tiny")
+    assert again["steps"] == 4
+    with pytest.raises(DataError, match="--head-layers 1"):
+        td.train_draft(target, convs, str(tmp_path / "three"), _small_cfg(init_from=str(two)),
+                       str(tmp_path / "w3"), "tiny")
+
+
 def test_train_draft_cli_rejects_bad_sizes(tmp_path, capsys):
     from heterospec.cli import main
 
@@ -265,6 +408,10 @@ def test_train_draft_cli_rejects_bad_sizes(tmp_path, capsys):
                "--regenerate-tokens", "0", "--model", str(tmp_path / "missing.gguf")])
     assert rc == 2
     assert "--max-tokens must be > 0" in capsys.readouterr().err
+    rc = main(["train-draft", "--out", str(tmp_path / "h"), "--head-layers", "3",
+               "--model", str(tmp_path / "missing.gguf")])
+    assert rc == 2
+    assert "--head-layers: must be <= 2, got 3" in capsys.readouterr().err
 
 
 def test_answer_pass_is_greedy_ar_with_exact_labels_and_resumes(tmp_path):

@@ -32,7 +32,11 @@ As a script (the numbers in bench/RESULTS.md)::
    target's path above 16 rows), at SmolLM2's heads (9 query and 3 KV heads of 64, bf16) for
    1-32 new rows over 300, 700 and 1,500 cached rows, a causal tree mask; medians of
    ``--reps`` x 30 alternating calls.
-7. **AR against HF generate.** Greedy decoding of ``--new-tokens`` tokens on HumanEval, GSM8K
+7. **What a second head layer would cost** (``--parts head-layers``). The shipped head's cost
+   per draft level (top_k 6, slope over 1-5 levels) beside one of the target's decoder layers at
+   6 rows over the ``--prefix`` cache (a stacked head layer's shape), from the lean forward over
+   every layer against over one, interleaved.
+8. **AR against HF generate.** Greedy decoding of ``--new-tokens`` tokens on HumanEval, GSM8K
    and MT-bench prompts: our AR loop (lean verifier) and ``model.generate`` for each dtype x
    attention; median of ``--reps`` per prompt, summed over prompts.
 
@@ -142,6 +146,31 @@ def head_gemm_ms(drafter, reps):
         return _median_ms(one, reps)
 
 
+def _tok_s(stats) -> float:
+    return stats.new_tokens / stats.wall_time_s
+
+
+def _draft_ms(stats) -> float:
+    return 1e3 * stats.draft_time_s / stats.cycles
+
+
+def alternating_pairs(switch, prompts, reps, methods, new_tokens):
+    """Every method on every prompt with a variant on and off, the order alternating between
+    repeats so that the host's drift hits both alike. ``switch(on)`` selects the variant;
+    ``methods`` maps a name to ``fn(ids, new_tokens)``, a generation result. Returns one dict per
+    (repeat, prompt): ``{(method, on): stats}``."""
+    pairs = []
+    for rep in range(reps):
+        for ids in prompts:
+            pair = {}
+            for on in ((True, False) if rep % 2 == 0 else (False, True)):
+                switch(on)
+                for name, fn in methods.items():
+                    pair[(name, on)] = fn(ids, new_tokens).stats
+            pairs.append(pair)
+    return pairs
+
+
 def decode_layer_ops_ab(target, tok, prompts_per_set, new_tokens, reps):
     """The shipped head with and without the decode-layer ops, alternating in one process."""
     from heterospec.eagle3 import SHIPPED_HEAD_DIR, Eagle3Drafter
@@ -160,18 +189,16 @@ def decode_layer_ops_ab(target, tok, prompts_per_set, new_tokens, reps):
     prompts = [encode(tok, p["text"], p["chat"]) for s in ("humaneval", "gsm8k", "mtbench")
                for p in load_prompts(s, prompts_per_set)]
     gen.generate(prompts[0], 8)
-    draft_ratio, speed_ratio, runs = [], [], []
-    for rep in range(reps):
-        for ids in prompts:
-            pair = {}
-            for fused in ((True, False) if rep % 2 == 0 else (False, True)):
-                drafter.packed.fused = fused
-                st = gen.generate(ids, new_tokens).stats
-                pair[fused] = (1e3 * st.draft_time_s / st.cycles, st.new_tokens / st.wall_time_s)
-                runs.append({"fused": fused, "draft_ms_per_cycle": pair[fused][0],
-                             "tok_s": pair[fused][1]})
-            draft_ratio.append(pair[True][0] / pair[False][0])
-            speed_ratio.append(pair[True][1] / pair[False][1])
+
+    def switch(fused):
+        drafter.packed.fused = fused
+
+    tree = "static tree"
+    pairs = alternating_pairs(switch, prompts, reps, {tree: gen.generate}, new_tokens)
+    runs = [{"fused": fused, "draft_ms_per_cycle": _draft_ms(st), "tok_s": _tok_s(st)}
+            for pair in pairs for (_, fused), st in pair.items()]
+    draft_ratio = [_draft_ms(p[(tree, True)]) / _draft_ms(p[(tree, False)]) for p in pairs]
+    speed_ratio = [_tok_s(p[(tree, True)]) / _tok_s(p[(tree, False)]) for p in pairs]
     drafter.packed.fused = True
 
     def med(fused, key):
@@ -226,19 +253,16 @@ def target_ops_ab(target, prefix_ids, tok, prompts_per_set, new_tokens, reps):
                for p in load_prompts(s, prompts_per_set)]
     gen.generate(prompts[0], 8)
     autoregressive_generate(target, prompts[0], 4)
-    runs, ratios = [], {"ar": [], "static tree": []}
-    for rep in range(reps):
-        for ids in prompts:
-            pair = {}
-            for fused in ((True, False) if rep % 2 == 0 else (False, True)):
-                weights.fused = fused
-                for method in ("ar", "static tree"):
-                    st = (autoregressive_generate(target, ids, new_tokens) if method == "ar"
-                          else gen.generate(ids, new_tokens)).stats
-                    pair[(method, fused)] = st.new_tokens / st.wall_time_s
-                    runs.append({"fused": fused, "method": method, "tok_s": pair[(method, fused)]})
-            for method in ratios:
-                ratios[method].append(pair[(method, True)] / pair[(method, False)])
+    methods = {"ar": lambda ids, n: autoregressive_generate(target, ids, n),
+               "static tree": gen.generate}
+
+    def switch(fused):
+        weights.fused = fused
+
+    pairs = alternating_pairs(switch, prompts, reps, methods, new_tokens)
+    runs = [{"fused": fused, "method": method, "tok_s": _tok_s(st)}
+            for pair in pairs for (method, fused), st in pair.items()]
+    ratios = {m: [_tok_s(p[(m, True)]) / _tok_s(p[(m, False)]) for p in pairs] for m in methods}
     weights.fused = True
     out = {"verify_ms": curve, "runs": runs, "tok_s": {}, "tok_s_ratio_median": {}}
     for method in ratios:
@@ -250,6 +274,47 @@ def target_ops_ab(target, prefix_ids, tok, prompts_per_set, new_tokens, reps):
               f"{out['tok_s'][method]['composition']:.1f} tok/s (median ratio "
               f"{statistics.median(ratios[method]):.2f}, {min(ratios[method]):.2f}-"
               f"{max(ratios[method]):.2f})", flush=True)
+    return out
+
+
+def stacked_layer_cost(target, prompt_ids, reps, top_k=6):
+    """What a second head layer (train-draft --head-layers 2) would add to a draft level: the
+    shipped head's per-level cost, and one of the target's decoder layers (the stacked layer's
+    shape: same hidden size, heads and MLP) at a level's ``top_k`` rows over the prompt's cache,
+    from the lean forward over all layers against over one, interleaved."""
+    import copy
+    import random
+
+    from heterospec.eagle3 import SHIPPED_HEAD_DIR, Eagle3Drafter
+    from heterospec.lean_target import LeanDecoder
+
+    # the layers first: a drafter makes the target capture layers a one-layer forward lacks
+    full, one = LeanDecoder(target), LeanDecoder(target)
+    one.w = copy.copy(one.w)
+    one.w.layers = one.w.layers[:1]
+    for dec in (full, one):
+        dec.prefill(prompt_ids)
+    layers = len(full.w.layers)
+    times = {"full": [], "one": []}
+    order = random.Random(0)
+    for _ in range(3 * reps + 2):
+        pair = ["full", "one"]
+        order.shuffle(pair)
+        for name in pair:
+            dec = full if name == "full" else one
+            t0 = time.perf_counter()
+            dec.tree_forward(prompt_ids[:top_k], torch.arange(top_k), chain(top_k))
+            times[name].append(1e3 * (time.perf_counter() - t0))
+    per_layer = (statistics.median(times["full"][2:]) - statistics.median(times["one"][2:])) \
+        / (layers - 1)
+    drafter = Eagle3Drafter.from_pretrained(SHIPPED_HEAD_DIR, target, top_k=top_k)
+    _, per_level = draft_levels(drafter, prompt_ids, target, [1, 2, 3, 4, 5], reps)
+    out = {"head_per_level_ms": per_level, "target_layer_ms": per_layer, "rows": top_k,
+           "cached_rows": int(prompt_ids.numel())}
+    print(f"draft level of the shipped head (top_k {top_k}): {per_level:.2f} ms; one decoder "
+          f"layer of the target at {top_k} rows over {prompt_ids.numel()} cached: "
+          f"{per_layer:.2f} ms (a stacked head layer: about +{100 * per_layer / per_level:.0f}% "
+          "per level)", flush=True)
     return out
 
 
@@ -387,6 +452,8 @@ def main(argv=None):
     if "target-ops" in parts:
         result["target_decode_layer_ops"] = target_ops_ab(
             targets["bfloat16"], prefix, tok, args.prompts, args.new_tokens, args.reps)
+    if "head-layers" in parts:
+        result["stacked_head_layer"] = stacked_layer_cost(targets["bfloat16"], prefix, args.reps)
     if "ar" in parts:
         prompts = [encode(tok, p["text"], p["chat"]) for s in ("humaneval", "gsm8k", "mtbench")
                    for p in load_prompts(s, args.prompts)]

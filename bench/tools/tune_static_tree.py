@@ -14,11 +14,9 @@ evaluation.
 import argparse
 import itertools
 import json
-import os
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def main(argv=None):
@@ -39,11 +37,9 @@ def main(argv=None):
     ap.add_argument("--confirm-rounds", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    try:
-        import heterospec  # noqa: F401
-    except ImportError:
-        sys.path.insert(0, os.path.join(ROOT, "python"))
+    from heterospec_path import import_heterospec
+
+    import_heterospec()
     import torch
 
     import heterospec as hs

@@ -193,6 +193,7 @@ def collect_counterfactual(gen: SpeculativeGenerator, prompts, max_new_tokens: i
                            top_ns=TOP_N_GRID, progress=None):
     """Decode ``prompts`` greedily with ``gen`` (a static tree drafting ``base_levels +
     max_extra`` levels) and return per cycle: ``H`` (H(P*) of the first ``base_levels`` levels),
+    ``best_path_logprob`` (the highest cumulative draft log-prob among that level's nodes),
     ``accepted[(extra, top_n)]`` for every extra depth ``0..max_extra`` and ``top_n`` of the grid
     (root included) that the pool can fill, ``tcr`` (the base tree's TCR, ``None`` when it
     accepts nothing) and ``actual`` (what the decode's own tree accepted). Cycles too close to the end of a decode to judge the deepest tree are
@@ -205,8 +206,10 @@ def collect_counterfactual(gen: SpeculativeGenerator, prompts, max_new_tokens: i
         pool = c["pool"]
         s = hx.stratify(pool.step_entropy, pool.confidence(base_levels - 1), pool.parents, one,
                         pol)
+        base = pool.level[0] == base_levels - 1
         cycles.append({"H": float(s.path_entropy[0]), "pool": pool, "start": len(out_tokens),
-                       "actual": c["accepted"]})
+                       "actual": c["accepted"],
+                       "best_path_logprob": float(pool.scores[0][base].max())})
         out_tokens.extend(c["tokens"])
 
     records = []
@@ -236,7 +239,8 @@ def collect_counterfactual(gen: SpeculativeGenerator, prompts, max_new_tokens: i
                             tcr = _tcr({"tree": tree, "pool": cyc["pool"], "nodes": n,
                                         "accepted_nodes": [node]})
                 records.append({"H": cyc["H"], "accepted": acc, "tcr": tcr,
-                                "actual": cyc["actual"]})
+                                "actual": cyc["actual"],
+                                "best_path_logprob": cyc["best_path_logprob"]})
             if progress is not None:
                 progress.update(1)
     finally:

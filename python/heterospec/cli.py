@@ -136,6 +136,13 @@ def build_parser():
     t.add_argument("--lr", type=float_in(0.0, lo_open=True), default=1e-3)
     t.add_argument("--warmup-steps", type=int_in(0), default=50)
     t.add_argument("--checkpoint-every", type=int_in(1), default=200, help="optimiser steps")
+    t.add_argument("--max-steps", type=int_in(0), default=0,
+                   help="train this many optimiser steps at most (the learning-rate schedule "
+                        "spans them), then evaluate and write the head; 0: all --epochs")
+    t.add_argument("--head-layers", type=int_in(1, 2), default=1,
+                   help="decoder layers of the head: 1 is EAGLE-3 (what the drafter runs); 2 "
+                        "stacks a second layer, a capacity experiment evaluated in training "
+                        "(warm-started from a 1-layer --init-from, it starts as that head)")
     t.add_argument("--seed", type=int_in(0, SEED_MAX), default=0)
     t.add_argument("--save-dtype", default="float16", choices=["float16", "bfloat16", "float32"])
     t.add_argument("--autocast", default="auto", choices=["auto", "on", "off"],
@@ -393,7 +400,8 @@ def _cmd_train_draft(args):
                       heldout_prompts=args.heldout_prompts, draft_vocab=args.draft_vocab,
                       topk_labels=args.topk_labels, epochs=args.epochs, ttt_steps=args.ttt_steps,
                       batch_tokens=args.batch_tokens, lr=args.lr, warmup_steps=args.warmup_steps,
-                      checkpoint_every=args.checkpoint_every, seed=args.seed,
+                      checkpoint_every=args.checkpoint_every, max_steps=args.max_steps,
+                      head_layers=args.head_layers, seed=args.seed,
                       save_dtype=args.save_dtype, autocast=args.autocast,
                       init_from=args.init_from)
     try:

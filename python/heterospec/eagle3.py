@@ -94,15 +94,28 @@ class _RMSNorm(nn.Module):
 
 
 class _Attention(nn.Module):
-    """Llama attention whose q/k/v read the 2H-wide [embedding ; state] input."""
+    """Llama attention whose q/k/v read ``in_width`` features: the 2H-wide [embedding ; state]
+    of the mid layer, or H for a stacked layer."""
 
-    def __init__(self, hidden, heads, kv_heads, head_dim):
+    def __init__(self, hidden, heads, kv_heads, head_dim, in_width=None):
         super().__init__()
+        in_width = 2 * hidden if in_width is None else in_width
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
-        self.q_proj = nn.Linear(2 * hidden, heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(2 * hidden, kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(2 * hidden, kv_heads * head_dim, bias=False)
+        self.q_proj = nn.Linear(in_width, heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(in_width, kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(in_width, kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+
+    def qkv(self, x: torch.Tensor, rotary: nn.Module, positions: torch.Tensor):
+        """q ``[B, heads, n, hd]`` and k, v ``[B, kv_heads, n, hd]`` of ``x`` ``[B, n, in]``,
+        with ``rotary``'s RoPE at ``positions`` ``[B, n]`` applied to q and k."""
+        b, n = x.shape[:2]
+        q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = rotary(v, positions)
+        cos, sin = cos[:, None], sin[:, None]
+        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
 
 
 class _MLP(nn.Module):
@@ -128,6 +141,37 @@ class _MidLayer(nn.Module):
         self.hidden_norm = _RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.input_layernorm = _RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = _RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+class _StackedLayer(nn.Module):
+    """A plain Llama decoder layer over the H-wide state, stacked after the mid layer by
+    ``num_hidden_layers`` = 2 (``layers.0.*``; a training-time capacity experiment of
+    ``heterospec train-draft --head-layers 2``: the drafter runs one-layer heads)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.self_attn = _Attention(cfg.hidden_size, cfg.num_attention_heads,
+                                    cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size)
+        from transformers.activations import ACT2FN
+
+        self.mlp = _MLP(cfg.hidden_size, cfg.intermediate_size, ACT2FN[cfg.hidden_act])
+        self.input_layernorm = _RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = _RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def attention_inputs(self, x: torch.Tensor, rotary: nn.Module, positions: torch.Tensor):
+        """q, k, v (as :meth:`_Attention.qkv`) of the layer input ``x`` ``[B, n, H]``."""
+        return self.self_attn.qkv(self.input_layernorm(x), rotary, positions)
+
+    def residual_update(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Output ``[B, n, H]`` from input ``x`` ``[B, n, H]`` and the attention output
+        ``[B, heads, n, hd]``."""
+        b, _, n, _ = attn_out.shape
+        x = x + self.self_attn.o_proj(attn_out.transpose(1, 2).reshape(b, n, -1))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# Stacked layers a head may have (num_hidden_layers - 1); the drafter itself needs 0.
+MAX_STACKED_LAYERS = 1
 
 
 class DraftKVCache:
@@ -201,6 +245,7 @@ class Eagle3Head(nn.Module):
         h = config.hidden_size
         self.fc = nn.Linear(3 * config.target_hidden_size, h, bias=False)
         self.midlayer = _MidLayer(config)
+        self.layers = nn.ModuleList(_StackedLayer(config) for _ in range(stacked_layers(config)))
         self.norm = _RMSNorm(h, config.rms_norm_eps)
         self.lm_head = nn.Linear(h, config.draft_vocab_size, bias=False)
         self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.int64))
@@ -222,6 +267,9 @@ class Eagle3Head(nn.Module):
         states (``from_target``) or ``[n, H]`` the head's own output states; ``positions`` ``[n]``;
         ``visible`` ``[n, cache.length + n]`` bool (row i may attend to column j). Returns the
         output states ``[n, H]`` (before ``norm``); the cache grows by ``n``."""
+        if len(self.layers):
+            raise NotImplementedError("drafting runs one-layer heads; this head has "
+                                      f"{1 + len(self.layers)} layers (train-draft only)")
         attn = self.midlayer.self_attn
         dtype = self.fc.weight.dtype
         emb = self.embed(token_ids).to(dtype)
@@ -243,15 +291,9 @@ class Eagle3Head(nn.Module):
         """``emb``/``g`` ``[B, n, H]`` token embeddings and input states, ``positions``
         ``[B, n]``. Returns q ``[B, heads, n, hd]`` and k, v ``[B, kv_heads, n, hd]``, RoPE
         applied to q and k."""
-        attn, layer = self.midlayer.self_attn, self.midlayer
+        layer = self.midlayer
         x = torch.cat((layer.input_layernorm(emb), layer.hidden_norm(g)), dim=-1)
-        b, n = x.shape[:2]
-        q = attn.q_proj(x).view(b, n, attn.heads, attn.head_dim).transpose(1, 2)
-        k = attn.k_proj(x).view(b, n, attn.kv_heads, attn.head_dim).transpose(1, 2)
-        v = attn.v_proj(x).view(b, n, attn.kv_heads, attn.head_dim).transpose(1, 2)
-        cos, sin = self.rotary(v, positions)
-        cos, sin = cos[:, None], sin[:, None]
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin, v
+        return layer.self_attn.qkv(x, self.rotary, positions)
 
     def residual_update(self, g: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """Output states ``[B, n, H]`` from input states ``g`` ``[B, n, H]`` and the attention
@@ -278,10 +320,27 @@ def _rotate_half(x):
 # ----------------------------------------------------------------------------- loading
 
 
+def stacked_layers(cfg) -> int:
+    """Decoder layers after the mid layer (``num_hidden_layers`` - 1; official heads: 0)."""
+    return int(getattr(cfg, "num_hidden_layers", 1)) - 1
+
+
 def _expected_shapes(cfg) -> dict:
     h, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    return {
+    stacked = {}
+    for li in range(stacked_layers(cfg)):
+        stacked.update({
+            f"layers.{li}.input_layernorm.weight": (h,),
+            f"layers.{li}.post_attention_layernorm.weight": (h,),
+            f"layers.{li}.self_attn.q_proj.weight": (nh * hd, h),
+            f"layers.{li}.self_attn.k_proj.weight": (nkv * hd, h),
+            f"layers.{li}.self_attn.v_proj.weight": (nkv * hd, h),
+            f"layers.{li}.self_attn.o_proj.weight": (h, nh * hd),
+            f"layers.{li}.mlp.gate_proj.weight": (i, h),
+            f"layers.{li}.mlp.up_proj.weight": (i, h),
+            f"layers.{li}.mlp.down_proj.weight": (h, i)})
+    return {**stacked, **{
         "fc.weight": (h, 3 * cfg.target_hidden_size),
         "midlayer.hidden_norm.weight": (h,),
         "midlayer.input_layernorm.weight": (h,),
@@ -295,7 +354,7 @@ def _expected_shapes(cfg) -> dict:
         "midlayer.mlp.down_proj.weight": (h, i),
         "norm.weight": (h,),
         "lm_head.weight": (cfg.draft_vocab_size, h),
-    }
+    }}
 
 
 def load_eagle3_config(path: str):
@@ -328,6 +387,12 @@ def eagle3_config(raw, source: str = "config"):
     keep = {k: v for k, v in raw.items() if k not in ("architectures", "auto_map", "model_type")}
     keep.setdefault("draft_vocab_size", raw["vocab_size"])
     keep.setdefault("target_hidden_size", raw["hidden_size"])
+    keep.setdefault("num_hidden_layers", 1)  # LlamaConfig's own default (32) is no head's
+    layers = keep["num_hidden_layers"]
+    if isinstance(layers, bool) or not isinstance(layers, int) or \
+            not 1 <= layers <= 1 + MAX_STACKED_LAYERS:
+        raise DraftCheckpointError(f"{cfg_path}: num_hidden_layers must be 1 (EAGLE-3) or, for "
+                                   f"a train-draft experiment, 2; got {layers!r}")
     if keep.get("head_dim") is None:
         keep["head_dim"] = raw["hidden_size"] // raw["num_attention_heads"]
     try:
@@ -371,6 +436,11 @@ def build_eagle3_head(path: str, target: CausalLM) -> Eagle3Head:
     if not os.path.isdir(path):
         raise ModelLoadError(f"EAGLE-3 checkpoint directory does not exist: {path}")
     cfg = load_eagle3_config(path)
+    if stacked_layers(cfg):
+        raise DraftCheckpointError(
+            f"EAGLE-3 head {path} has num_hidden_layers {cfg.num_hidden_layers}: the drafter "
+            "runs one-layer heads (the EAGLE-3 layout); train-draft --head-layers 2 is an "
+            "experiment whose heads are evaluated in training only")
     state = load_eagle3_state(path)
     tcfg = target.config
     target_h = int(getattr(tcfg, "hidden_size"))
@@ -590,6 +660,10 @@ class Eagle3Drafter(Drafter):
         if top_k < 1 or top_k > min(hx.ops.draft_topk_entropy.MAX_TOPK,
                                     head.config.draft_vocab_size):
             raise ValueError(f"top_k must be in [1, min(64, draft vocab)], got {top_k}")
+        if len(head.layers):
+            raise DraftCheckpointError(
+                f"the head has {1 + len(head.layers)} decoder layers: the drafter runs one-layer "
+                "heads (the EAGLE-3 layout)")
         num_layers = len(target.decoder_layers())
         layers = capture_layers
         if layers is None:

@@ -27,6 +27,12 @@ Pipeline (``heterospec train-draft``; every stage resumes where it stopped, in `
 
 The head reuses the target's frozen token embedding; ``norm``/``lm_head`` start as the target's
 final norm and output rows.
+
+Capacity experiment: ``head_layers = 2`` stacks a plain Llama decoder layer (``layers.0.*``)
+after the mid layer; it unrolls like the mid layer, over its own keys and values. Its residual
+branches start at zero, so warm-started from a one-layer head it starts as that head. Such heads
+are evaluated here only: the drafter runs one-layer heads and refuses them. ``max_steps`` caps a
+run (the learning-rate schedule spans the cap), for experiments at an equal step budget.
 """
 from __future__ import annotations
 
@@ -77,6 +83,8 @@ class TrainConfig:
     seed: int = 0
     save_dtype: str = "float16"
     checkpoint_every: int = 200      # optimiser steps
+    max_steps: int = 0               # stop (and evaluate) after this many steps; 0: all epochs
+    head_layers: int = 1             # 1: EAGLE-3 (drafting); 2: a stacked layer (experiment)
     capture_layers: Optional[List[int]] = None
     init_from: Optional[str] = None  # start from this head checkpoint (keeps its draft vocab)
     autocast: str = "auto"           # bfloat16 autocast: auto (native bf16 CPUs), on, off
@@ -91,6 +99,10 @@ class TrainConfig:
             raise ValueError("max_tokens and regenerate_tokens must be >= 0")
         if self.max_tokens == 0 and self.regenerate_tokens == 0:
             raise ValueError("max_tokens and regenerate_tokens are both 0: no training data")
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
+        if self.head_layers not in (1, 2):
+            raise ValueError(f"head_layers must be 1 or 2, got {self.head_layers}")
         if self.topk_labels > 64:
             raise ValueError(f"topk_labels must be <= 64, got {self.topk_labels}")
 
@@ -131,8 +143,10 @@ def vocab_coverage(train_counts: torch.Tensor, heldout_counts: torch.Tensor,
 # ----------------------------------------------------------------------------- the head
 
 
-def head_config(target: CausalLM, draft_vocab: int, layers: List[int]) -> dict:
-    """config.json of a one-layer EAGLE-3 head shaped like one decoder layer of ``target``."""
+def head_config(target: CausalLM, draft_vocab: int, layers: List[int],
+                head_layers: int = 1) -> dict:
+    """config.json of an EAGLE-3 head shaped like one decoder layer of ``target``:
+    ``head_layers`` 1 (EAGLE-3, what the drafter runs) or 2 (a stacked layer, an experiment)."""
     t = target.config
     heads = int(t.num_attention_heads)
     cfg = {
@@ -149,7 +163,7 @@ def head_config(target: CausalLM, draft_vocab: int, layers: List[int]) -> dict:
         "vocab_size": int(target.vocab_size),
         "draft_vocab_size": int(draft_vocab),
         "target_hidden_size": int(t.hidden_size),
-        "num_hidden_layers": 1,
+        "num_hidden_layers": int(head_layers),
         "eagle_aux_hidden_state_layer_ids": [int(i) for i in layers],
         "tie_word_embeddings": False,
     }
@@ -182,6 +196,11 @@ def init_head(head: Eagle3Head, target: CausalLM, draft_ids: torch.Tensor,
         # small residual branches, so the identity start is not drowned
         for lin in (head.midlayer.self_attn.o_proj, head.midlayer.mlp.down_proj):
             lin.weight.mul_(0.1)
+        # stacked layers start as the identity (zero residual branches): a two-layer head
+        # grown from a one-layer checkpoint computes exactly what that head did
+        for layer in head.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
         head.d2t.copy_(draft_ids - torch.arange(draft_ids.numel()))
         head.t2d.zero_()
         head.t2d[draft_ids] = True
@@ -194,7 +213,9 @@ def ttt_forward(head: Eagle3Head, embed_w: torch.Tensor, tokens: torch.Tensor,
     ``tokens`` ``[B, T]`` int64 target ids, ``states`` ``[B, T, 3 * target_H]`` captured target
     states. Step k, entry j: the step k - 1 output state at entry j (``fc`` of the target state
     of token j for k = 0) with the embedding of token ``min(j + k + 1, T - 1)``, at position
-    j + k, attending to the step-0 entries 0..j and to its own steps 1..k at entry j."""
+    j + k, attending to the step-0 entries 0..j and to its own steps 1..k at entry j. Every
+    layer of the head (the mid layer, then any stacked layer) attends that way to its own keys
+    and values."""
     attn = head.midlayer.self_attn
     bsz, t = tokens.shape
     j = torch.arange(t, device=tokens.device)
@@ -202,20 +223,32 @@ def ttt_forward(head: Eagle3Head, embed_w: torch.Tensor, tokens: torch.Tensor,
     rep = attn.heads // attn.kv_heads
     scale = 1.0 / math.sqrt(attn.head_dim)
     g = head.fc(states)
-    keys, values, logits = [], [], []
+    # per layer, the keys/values of every step so far ([B, heads, T, hd] each, GQA-expanded)
+    keys = [[] for _ in range(1 + len(head.layers))]
+    values = [[] for _ in range(1 + len(head.layers))]
+
+    def attend(layer: int, q, kk, vv):
+        ks, vs = keys[layer], values[layer]
+        ks.append(kk.repeat_interleave(rep, dim=1))
+        vs.append(vv.repeat_interleave(rep, dim=1))
+        k = len(ks) - 1
+        s0 = (q @ ks[0].transpose(2, 3)) * scale            # [B, nh, T, T]
+        s0 = s0.masked_fill(~causal, float("-inf"))
+        diag = [(q * ks[i]).sum(-1, keepdim=True) * scale for i in range(1, k + 1)]
+        probs = torch.softmax(torch.cat([s0] + diag, dim=-1), dim=-1)
+        out = probs[..., :t] @ vs[0]
+        for i in range(1, k + 1):
+            out = out + probs[..., t + i - 1: t + i] * vs[i]
+        return out
+
+    logits = []
     for k in range(steps):
         emb = F.embedding(tokens[:, (j + k + 1).clamp(max=t - 1)], embed_w)
-        q, kk, vv = head.attention_inputs(emb, g, (j + k)[None].expand(bsz, t))
-        keys.append(kk.repeat_interleave(rep, dim=1))
-        values.append(vv.repeat_interleave(rep, dim=1))
-        s0 = (q @ keys[0].transpose(2, 3)) * scale          # [B, nh, T, T]
-        s0 = s0.masked_fill(~causal, float("-inf"))
-        diag = [(q * keys[i]).sum(-1, keepdim=True) * scale for i in range(1, k + 1)]
-        probs = torch.softmax(torch.cat([s0] + diag, dim=-1), dim=-1)
-        out = probs[..., :t] @ values[0]
-        for i in range(1, k + 1):
-            out = out + probs[..., t + i - 1: t + i] * values[i]
-        g = head.residual_update(g, out)
+        positions = (j + k)[None].expand(bsz, t)
+        g = head.residual_update(g, attend(0, *head.attention_inputs(emb, g, positions)))
+        for li, layer in enumerate(head.layers):
+            g = layer.residual_update(
+                g, attend(1 + li, *layer.attention_inputs(g, head.rotary, positions)))
         logits.append(head.lm_head(head.norm(g)))
     return logits
 
@@ -357,6 +390,8 @@ class Trainer:
         self.batches_per_epoch = sum(len(self._shard_batches(0, s)) for s in
                                      range(len(train.shards)))
         self.total_steps = self.batches_per_epoch * cfg.epochs
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
 
     def _shard_order(self, epoch: int) -> List[int]:
         order = list(range(len(self.train_set.shards)))
@@ -415,7 +450,7 @@ class Trainer:
                 s = order[self.shard_pos]
                 shard = self.train_set.load(s)
                 batches = self._shard_batches(self.epoch, s, shard)
-                while self.batch_pos < len(batches):
+                while self.batch_pos < len(batches) and self.step < self.total_steps:
                     batch = _make_batch(shard, batches[self.batch_pos], self.draft_of, dtype)
                     lr = self.lr_at(self.step)
                     for group in self.opt.param_groups:
@@ -440,6 +475,9 @@ class Trainer:
                         progress(n_tok)
                     if self.step % cfg.checkpoint_every == 0:
                         self.save()
+                if self.step >= self.total_steps:  # the --max-steps budget: training ends
+                    self.epoch, self.shard_pos, self.batch_pos = cfg.epochs - 1, len(order), 0
+                    break
                 self.shard_pos += 1
                 self.batch_pos = 0
             self.epoch += 1
@@ -574,12 +612,19 @@ def train_draft(target: CausalLM, conversations: List[dict], out_dir: str, cfg: 
         f"greedy tokens on the training data, {chosen_cov['heldout']:.1%} held out")
 
     # 4. the head and its training
-    config = head_config(target, int(draft_ids.numel()), layers)
+    config = head_config(target, int(draft_ids.numel()), layers, cfg.head_layers)
     with torch.random.fork_rng():  # the initial weights depend on cfg.seed only
         torch.manual_seed(cfg.seed)
         head = Eagle3Head(eagle3_config(config))
         init_head(head, target, draft_ids)
     if init_state is not None:
+        params = dict(head.named_parameters())
+        unused = sorted(n for n in init_state if n not in params and n not in ("d2t", "t2d")
+                        and not n.startswith("embed"))
+        if unused:
+            raise DataError(f"--init-from {cfg.init_from} has tensors this head lacks "
+                            f"({unused[:3]}...): it has more layers than --head-layers "
+                            f"{cfg.head_layers}")
         with torch.no_grad():
             for name, p in head.named_parameters():
                 if name in init_state:
@@ -648,7 +693,9 @@ def train_draft(target: CausalLM, conversations: List[dict], out_dir: str, cfg: 
                 f"lr {rec['lr']:.2e}")
 
     os.makedirs(out_dir, exist_ok=True)
-    bar = progress_factory(n_tokens * cfg.epochs, "train") if progress_factory else None
+    # tokens to train on: every epoch's, or the --max-steps share of them
+    budget = round(n_tokens * trainer.total_steps / max(1, trainer.batches_per_epoch))
+    bar = progress_factory(budget, "train") if progress_factory else None
     if bar is not None:
         bar.update(trainer.tokens_done)
     trainer.run(on_epoch, log_step, bar.update if bar is not None else None)
