@@ -9,7 +9,8 @@ Checkpoint layout (a directory, as published e.g. for ``yuhuili/EAGLE3-LLaMA3.1-
     ``draft_vocab_size`` Vd (default V), optional ``head_dim`` (default H / heads),
     ``target_hidden_size`` (default H), ``rope_theta`` / ``rope_scaling``, and optionally
     ``eagle_aux_hidden_state_layer_ids`` (top level or under ``eagle_config``) to override the
-    captured target layers.
+    captured target layers. ``num_hidden_layers`` is 1 (also when absent); 2 marks a
+    ``train-draft --head-layers 2`` experiment, which the drafter refuses.
 ``model.safetensors`` or ``pytorch_model.bin``
     ============================================  =====================
     ``fc.weight``                                 ``[H, 3 * target_H]``

@@ -631,7 +631,11 @@ def train_draft(target: CausalLM, conversations: List[dict], out_dir: str, cfg: 
                     p.copy_(init_state[name].float())
     head = head.float()
     embed_w = target.model.get_input_embeddings().weight.detach().float()
-    key = stable_key("train", asdict(cfg), [t.manifest["key"] for t in train_sets],
+    # settings added after runs already existed enter the key only when set, so those runs'
+    # checkpoints still resume
+    keyed = {k: v for k, v in asdict(cfg).items()
+             if not (k, v) in (("max_steps", 0), ("head_layers", 1))}
+    key = stable_key("train", keyed, [t.manifest["key"] for t in train_sets],
                      draft_ids.tolist())
     trainer = Trainer(head, embed_w, draft_of, train_set, cfg, work_dir, key)
     resumed = trainer.try_resume()
