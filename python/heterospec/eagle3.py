@@ -98,9 +98,8 @@ class _Attention(nn.Module):
     """Llama attention whose q/k/v read ``in_width`` features: the 2H-wide [embedding ; state]
     of the mid layer, or H for a stacked layer."""
 
-    def __init__(self, hidden, heads, kv_heads, head_dim, in_width=None):
+    def __init__(self, hidden, heads, kv_heads, head_dim, in_width):
         super().__init__()
-        in_width = 2 * hidden if in_width is None else in_width
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.q_proj = nn.Linear(in_width, heads * head_dim, bias=False)
         self.k_proj = nn.Linear(in_width, kv_heads * head_dim, bias=False)
@@ -131,44 +130,49 @@ class _MLP(nn.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-class _MidLayer(nn.Module):
-    def __init__(self, cfg):
+class _DecoderLayer(nn.Module):
+    """The parts a head's decoder layers share: attention over ``in_width`` input features, the
+    MLP and their norms (``hidden_norm`` too for the mid layer, which normalises the state apart
+    from the embedding), and the update of the residual stream after the attention."""
+
+    def __init__(self, cfg, in_width: int, hidden_norm: bool):
         super().__init__()
         self.self_attn = _Attention(cfg.hidden_size, cfg.num_attention_heads,
-                                    cfg.num_key_value_heads, cfg.head_dim)
+                                    cfg.num_key_value_heads, cfg.head_dim, in_width)
         from transformers.activations import ACT2FN
 
         self.mlp = _MLP(cfg.hidden_size, cfg.intermediate_size, ACT2FN[cfg.hidden_act])
-        self.hidden_norm = _RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        if hidden_norm:
+            self.hidden_norm = _RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.input_layernorm = _RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = _RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
+    def residual_update(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Output ``[B, n, H]`` from the residual input ``x`` ``[B, n, H]`` and the attention
+        output ``[B, heads, n, hd]``: the residual plus the attention, then the MLP block."""
+        b, _, n, _ = attn_out.shape
+        x = x + self.self_attn.o_proj(attn_out.transpose(1, 2).reshape(b, n, -1))
+        return x + self.mlp(self.post_attention_layernorm(x))
 
-class _StackedLayer(nn.Module):
+
+class _MidLayer(_DecoderLayer):
+    """EAGLE-3's layer: q/k/v read the 2H-wide [embedding ; state]."""
+
+    def __init__(self, cfg):
+        super().__init__(cfg, 2 * cfg.hidden_size, hidden_norm=True)
+
+
+class _StackedLayer(_DecoderLayer):
     """A plain Llama decoder layer over the H-wide state, stacked after the mid layer by
     ``num_hidden_layers`` = 2 (``layers.0.*``; a training-time capacity experiment of
     ``heterospec train-draft --head-layers 2``: the drafter runs one-layer heads)."""
 
     def __init__(self, cfg):
-        super().__init__()
-        self.self_attn = _Attention(cfg.hidden_size, cfg.num_attention_heads,
-                                    cfg.num_key_value_heads, cfg.head_dim, cfg.hidden_size)
-        from transformers.activations import ACT2FN
-
-        self.mlp = _MLP(cfg.hidden_size, cfg.intermediate_size, ACT2FN[cfg.hidden_act])
-        self.input_layernorm = _RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = _RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        super().__init__(cfg, cfg.hidden_size, hidden_norm=False)
 
     def attention_inputs(self, x: torch.Tensor, rotary: nn.Module, positions: torch.Tensor):
         """q, k, v (as :meth:`_Attention.qkv`) of the layer input ``x`` ``[B, n, H]``."""
         return self.self_attn.qkv(self.input_layernorm(x), rotary, positions)
-
-    def residual_update(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-        """Output ``[B, n, H]`` from input ``x`` ``[B, n, H]`` and the attention output
-        ``[B, heads, n, hd]``."""
-        b, _, n, _ = attn_out.shape
-        x = x + self.self_attn.o_proj(attn_out.transpose(1, 2).reshape(b, n, -1))
-        return x + self.mlp(self.post_attention_layernorm(x))
 
 
 # Stacked layers a head may have (num_hidden_layers - 1); the drafter itself needs 0.
@@ -299,10 +303,7 @@ class Eagle3Head(nn.Module):
     def residual_update(self, g: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """Output states ``[B, n, H]`` from input states ``g`` ``[B, n, H]`` and the attention
         output ``[B, heads, n, hd]``: the residual is ``g``, then the MLP block."""
-        layer = self.midlayer
-        b, _, n, _ = attn_out.shape
-        g = g + layer.self_attn.o_proj(attn_out.transpose(1, 2).reshape(b, n, -1))
-        return g + layer.mlp(layer.post_attention_layernorm(g))
+        return self.midlayer.residual_update(g, attn_out)
 
     @torch.inference_mode()
     def logits(self, out_state: torch.Tensor) -> torch.Tensor:
@@ -329,33 +330,24 @@ def stacked_layers(cfg) -> int:
 def _expected_shapes(cfg) -> dict:
     h, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
     nh, nkv = cfg.num_attention_heads, cfg.num_key_value_heads
-    stacked = {}
+
+    def layer(prefix, in_width):
+        return {f"{prefix}.input_layernorm.weight": (h,),
+                f"{prefix}.post_attention_layernorm.weight": (h,),
+                f"{prefix}.self_attn.q_proj.weight": (nh * hd, in_width),
+                f"{prefix}.self_attn.k_proj.weight": (nkv * hd, in_width),
+                f"{prefix}.self_attn.v_proj.weight": (nkv * hd, in_width),
+                f"{prefix}.self_attn.o_proj.weight": (h, nh * hd),
+                f"{prefix}.mlp.gate_proj.weight": (i, h),
+                f"{prefix}.mlp.up_proj.weight": (i, h),
+                f"{prefix}.mlp.down_proj.weight": (h, i)}
+
+    shapes = {"fc.weight": (h, 3 * cfg.target_hidden_size), "midlayer.hidden_norm.weight": (h,),
+              **layer("midlayer", 2 * h)}
     for li in range(stacked_layers(cfg)):
-        stacked.update({
-            f"layers.{li}.input_layernorm.weight": (h,),
-            f"layers.{li}.post_attention_layernorm.weight": (h,),
-            f"layers.{li}.self_attn.q_proj.weight": (nh * hd, h),
-            f"layers.{li}.self_attn.k_proj.weight": (nkv * hd, h),
-            f"layers.{li}.self_attn.v_proj.weight": (nkv * hd, h),
-            f"layers.{li}.self_attn.o_proj.weight": (h, nh * hd),
-            f"layers.{li}.mlp.gate_proj.weight": (i, h),
-            f"layers.{li}.mlp.up_proj.weight": (i, h),
-            f"layers.{li}.mlp.down_proj.weight": (h, i)})
-    return {**stacked, **{
-        "fc.weight": (h, 3 * cfg.target_hidden_size),
-        "midlayer.hidden_norm.weight": (h,),
-        "midlayer.input_layernorm.weight": (h,),
-        "midlayer.post_attention_layernorm.weight": (h,),
-        "midlayer.self_attn.q_proj.weight": (nh * hd, 2 * h),
-        "midlayer.self_attn.k_proj.weight": (nkv * hd, 2 * h),
-        "midlayer.self_attn.v_proj.weight": (nkv * hd, 2 * h),
-        "midlayer.self_attn.o_proj.weight": (h, nh * hd),
-        "midlayer.mlp.gate_proj.weight": (i, h),
-        "midlayer.mlp.up_proj.weight": (i, h),
-        "midlayer.mlp.down_proj.weight": (h, i),
-        "norm.weight": (h,),
-        "lm_head.weight": (cfg.draft_vocab_size, h),
-    }}
+        shapes.update(layer(f"layers.{li}", h))
+    shapes.update({"norm.weight": (h,), "lm_head.weight": (cfg.draft_vocab_size, h)})
+    return shapes
 
 
 def load_eagle3_config(path: str):

@@ -476,7 +476,7 @@ class Trainer:
                     if self.step % cfg.checkpoint_every == 0:
                         self.save()
                 if self.step >= self.total_steps:  # the --max-steps budget: training ends
-                    self.epoch, self.shard_pos, self.batch_pos = cfg.epochs - 1, len(order), 0
+                    self.epoch, self.batch_pos = cfg.epochs - 1, 0
                     break
                 self.shard_pos += 1
                 self.batch_pos = 0
@@ -634,7 +634,7 @@ def train_draft(target: CausalLM, conversations: List[dict], out_dir: str, cfg: 
     # settings added after runs already existed enter the key only when set, so those runs'
     # checkpoints still resume
     keyed = {k: v for k, v in asdict(cfg).items()
-             if not (k, v) in (("max_steps", 0), ("head_layers", 1))}
+             if (k, v) not in (("max_steps", 0), ("head_layers", 1))}
     key = stable_key("train", keyed, [t.manifest["key"] for t in train_sets],
                      draft_ids.tolist())
     trainer = Trainer(head, embed_w, draft_of, train_set, cfg, work_dir, key)
